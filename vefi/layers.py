@@ -1,0 +1,152 @@
+"""One numbering of a model's layers, shared by every chapter and every tool of ``vefi``.
+
+Layers are the *leaf* modules of a model (modules without children), numbered 1..L in the order a
+forward pass calls them. Each gets a short type name (``conv``, ``relu``, ``pool``, ``fc``, ...), so that
+"layer 7 (conv)" means the same thing in the descriptor index, in a heatmap title and in a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vefi._model_state import preserved
+
+__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer"]
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (nn.Conv2d, "conv"),
+    (nn.Linear, "fc"),
+    (nn.ReLU, "relu"),
+    (nn.MaxPool2d, "pool"),
+    (nn.AvgPool2d, "pool"),
+    (nn.AdaptiveAvgPool2d, "pool"),
+    (nn.AdaptiveMaxPool2d, "pool"),
+    (nn.LocalResponseNorm, "lrn"),
+    (nn.BatchNorm2d, "bn"),
+    (nn.BatchNorm1d, "bn"),
+    (nn.Dropout, "dropout"),
+    (nn.Flatten, "flatten"),
+    (nn.Softmax, "softmax"),
+)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Short type name of a leaf module: conv, fc, relu, pool, lrn, bn, dropout, flatten, softmax, other."""
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return "other"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One leaf module of a model, with its place in the forward pass.
+
+    Attributes
+    ----------
+    number : int
+        Position in the forward pass, from 1.
+    name : str
+        Qualified module name, as in ``model.named_modules()``.
+    kind : str
+        Short type name (see :func:`layer_kind`).
+    module : torch.nn.Module
+        The module itself.
+    input_shape, output_shape : tuple of int
+        Shapes of one sample (no batch axis) entering and leaving the layer.
+    """
+
+    number: int
+    name: str
+    kind: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (conv-like output) or units (flat output)."""
+        return self.output_shape[0]
+
+    @property
+    def label(self) -> str:
+        """Human-readable label such as ``"7 conv"``."""
+        return f"{self.number} {self.kind}"
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[Layer]:
+    """Number the leaf layers of ``model`` in forward order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model whose forward takes one image batch.
+    input_shape : tuple of int, optional
+        Shape of one input sample, e.g. ``(3, 112, 112)``. Defaults to ``model.input_shape`` when the
+        model has that attribute (all ``vefi`` models do).
+
+    Returns
+    -------
+    list of Layer
+        One entry per leaf module call, numbered from 1. The model is left exactly as it was.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
+    >>> [layer.label for layer in layer_table(net, (1, 28, 28))]
+    ['1 conv', '2 relu', '3 flatten', '4 fc']
+    """
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError("layer_table needs input_shape, e.g. (3, 112, 112): the model has no "
+                             "'input_shape' attribute to take it from")
+    input_shape = tuple(int(s) for s in input_shape)
+    names = {id(m): n for n, m in model.named_modules()}
+    leaves = [m for m in model.modules() if not list(m.children())]
+    calls: list[tuple[nn.Module, tuple, tuple]] = []
+
+    def hook(module, inputs, output):
+        if any(m is module for m, _, _ in calls):
+            return  # a module called twice keeps its first place
+        x = inputs[0] if inputs else None
+        shape_in = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else ()
+        shape_out = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
+        calls.append((module, shape_in, shape_out))
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    with preserved(model):
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+        finally:
+            for h in handles:
+                h.remove()
+    return [Layer(i + 1, names[id(m)], layer_kind(m), m, s_in, s_out)
+            for i, (m, s_in, s_out) in enumerate(calls)]
+
+
+def resolve_layer(layers: list[Layer], key: int | str | Layer) -> Layer:
+    """Find a layer by number (1-based), qualified name, or the :class:`Layer` itself.
+
+    Raises
+    ------
+    ValueError
+        If no layer matches; the message lists the layers there are.
+    """
+    if isinstance(key, Layer):
+        key = key.number
+    for layer in layers:
+        if (isinstance(key, int) and not isinstance(key, bool) and layer.number == key) or \
+                (isinstance(key, str) and layer.name == key):
+            return layer
+    known = ", ".join(f"{layer.number}={layer.name!r} ({layer.kind})" for layer in layers)
+    raise ValueError(f"unknown layer {key!r}; this model has layers {known}")

@@ -1,0 +1,97 @@
+"""The book's models: one small CNN per dataset, flat ``nn.Sequential`` nets with named layers.
+
+Every net has at least one strided convolution, at least one strided max-pool and two hidden fully connected
+layers, so that the stride fix (chapter 4) and fully connected features (chapter 3) both matter. The
+an8Flower net follows VGG-F (Chatfield et al. 2014) in spirit: a large 11x11 stride-4 first convolution, local
+response normalisation, three max-pools, two hidden fully connected layers; narrower, for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from vefi.data import dataset_info
+
+__all__ = ["VefiNet", "build_model", "small_cnn", "vggf_like"]
+
+
+class VefiNet(nn.Sequential):
+    """A sequential net that knows its input shape and class names.
+
+    Parameters
+    ----------
+    layers : OrderedDict of str to nn.Module
+        The layers, in forward order; their names (``conv1``, ``relu1``, ...) appear in every table.
+    input_shape : tuple of int
+        Shape of one input image, ``(channels, height, width)``; pixels are floats in [0, 1].
+    classes : list of str
+        Class names, one per output unit.
+    """
+
+    def __init__(self, layers: OrderedDict, input_shape: tuple[int, int, int], classes: list[str]):
+        super().__init__(layers)
+        self.input_shape = tuple(input_shape)
+        self.classes = list(classes)
+
+
+def small_cnn(in_channels: int = 1, size: int = 28, num_classes: int = 10) -> OrderedDict:
+    """Layers of the MNIST / Fashion-MNIST net (28x28 -> 14 -> 7)."""
+    side = size // 2 // 2
+    return OrderedDict([
+        ("conv1", nn.Conv2d(in_channels, 32, 5, padding=2)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(3, stride=2, padding=1)),
+        ("conv2", nn.Conv2d(32, 64, 3, stride=2, padding=1)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("conv3", nn.Conv2d(64, 64, 3, padding=1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(64 * side * side, 256)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("dropout1", nn.Dropout(0.3)),
+        ("fc2", nn.Linear(256, 128)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("fc3", nn.Linear(128, num_classes)),
+    ])
+
+
+def vggf_like(num_classes: int, in_channels: int = 3) -> OrderedDict:
+    """Layers of the an8Flower net for 112x112 input (112 -> 27 -> 13 -> 6 -> 2)."""
+    return OrderedDict([
+        ("conv1", nn.Conv2d(in_channels, 32, 11, stride=4, padding=2)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)),
+        ("pool1", nn.MaxPool2d(3, stride=2)),
+        ("conv2", nn.Conv2d(32, 64, 5, padding=2)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", nn.MaxPool2d(3, stride=2)),
+        ("conv3", nn.Conv2d(64, 96, 3, padding=1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(96, 96, 3, padding=1)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("pool3", nn.MaxPool2d(3, stride=2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(96 * 2 * 2, 256)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("dropout1", nn.Dropout(0.5)),
+        ("fc2", nn.Linear(256, 256)),
+        ("relu6", nn.ReLU(inplace=True)),
+        ("dropout2", nn.Dropout(0.5)),
+        ("fc3", nn.Linear(256, num_classes)),
+    ])
+
+
+def build_model(dataset: str) -> VefiNet:
+    """A freshly initialised (untrained) net for ``dataset``; see :data:`vefi.data.DATASETS`.
+
+    Initialisation follows ``torch``'s global generator: seed it first for a reproducible net.
+    """
+    info = dataset_info(dataset)
+    if info.shape[1] == 112:
+        layers = vggf_like(len(info.classes), info.shape[0])
+    else:
+        layers = small_cnn(info.shape[0], info.shape[1], len(info.classes))
+    return VefiNet(layers, info.shape, info.classes)
+
