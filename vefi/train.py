@@ -48,8 +48,8 @@ QUICK_EPOCHS = 3
 HYPERPARAMS = {
     "mnist": HyperParams(epochs=5),
     "fashion-mnist": HyperParams(epochs=6),
-    "an8flower-single": HyperParams(epochs=5, batch_size=64),
-    "an8flower-double": HyperParams(epochs=5, batch_size=64),
+    "an8flower-single": HyperParams(epochs=4, batch_size=64),
+    "an8flower-double": HyperParams(epochs=4, batch_size=64),
 }
 
 

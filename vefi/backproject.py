@@ -1,0 +1,721 @@
+"""Back-projection of internal features to input space: backprop, deconvnet, guided backprop, stride fix.
+
+A feature is one channel (or one unit) of one layer. Back-projecting it means sending a seed signal from
+that layer back to the pixels with the *same weights* the forward pass used, and a rule at every ReLU that
+decides which of the incoming signal ``R`` passes, given the ReLU's forward input ``x``:
+
+=============  ===========================  =========================================
+rule           ReLU backward                reference
+=============  ===========================  =========================================
+``backprop``   ``R * [x > 0]``              the plain gradient (Simonyan et al. 2014)
+``deconvnet``  ``R * [R > 0]``              Zeiler & Fergus 2014
+``guided``     ``R * [x > 0] * [R > 0]``    Springenberg et al. 2015
+=============  ===========================  =========================================
+
+Convolutions go back by the transposed convolution with the same weights and no bias (their gradient),
+max-pools through the switches of the forward pass, every other layer by its gradient.
+
+**Stride fix** (Oramas et al. 2019, Sec. 3.3, Eq. 2-3). A convolution of kernel ``M``, stride ``S > 1``,
+padding ``O`` on an input of size ``A`` (per axis) has an output of size ``B``. Its transposed convolution
+reaches some input pixels through more kernel taps than others, with period ``S``: a grid. The fix resamples
+the incoming map (nearest neighbour, ``"nearest-exact"``, as MATLAB's ``imresize``) from ``B`` to the output
+size of the *stride-1* version of the layer, ``A + 2*O - M + 1``, and back-projects it with stride 1, which
+lands on exactly ``A`` pixels, each reached by the same number of taps. Every strided ``Conv2d`` is fixed with
+its own input size per axis. A strided max-pool is fixed in one of two ways (``pool_fix``):
+
+* ``"stride1"``: resample the map the same way and route it through the switches of a stride-1 max-pool on
+  the same input (the analogue of the convolution fix);
+* ``"switches"``: the standard switches of the strided pool, as the authors' released demo does.
+
+The engine works at the level of torch functions (a :class:`~torch.overrides.TorchFunctionMode`), so it
+sees ``nn.ReLU`` (in-place or not), ``torch.relu``/``F.relu``/``Tensor.relu`` called in a custom forward,
+``Conv2d`` and ``MaxPool2d`` modules and their functional forms alike. ReLUs called in place are computed
+out of place (the returned tensor is what the model uses next). No hook or mode outlives a call.
+
+Batching: the n images go forward once; the backward pass runs once, vmapped (``torch.func``) over the k
+seeds, one per feature. Two backward steps are hand-written for speed and tested against autograd: the
+strided transposed convolution without the fix (as one stride-1 convolution and a pixel shuffle), and local
+response normalisation.
+
+Examples
+--------
+>>> import torch
+>>> from vefi.models import build_model
+>>> from vefi.backproject import backproject
+>>> _ = torch.manual_seed(0)
+>>> net = build_model("mnist")
+>>> maps = backproject(net, torch.rand(2, 1, 28, 28), [("conv2", 5), (9, 17)])
+>>> tuple(maps.shape)
+(2, 2, 1, 28, 28)
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from vefi._model_state import preserved
+from vefi._progress import progress
+from vefi.layers import Layer, layer_table, resolve_layer
+
+__all__ = ["RULES", "POOL_FIXES", "SOURCES", "backproject", "conv_backproject",
+           "maxpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
+
+RULES = ("backprop", "deconvnet", "guided")
+POOL_FIXES = ("stride1", "switches")
+SOURCES = ("map", "unit")
+
+# Torch functions (by name, trailing "_" stripped) that are nonlinear and have no back-projection rule here.
+_UNSUPPORTED_FUNCTIONS = frozenset({
+    "sigmoid", "tanh", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "rrelu", "prelu", "softplus",
+    "softsign", "hardtanh", "relu6", "hardswish", "hardsigmoid", "mish", "glu", "logsigmoid", "softmax",
+    "log_softmax", "softmin", "threshold", "tanhshrink", "softshrink", "hardshrink",
+})
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu)
+_RELU_INPLACE_FUNCTIONS = (torch.relu_, torch.Tensor.relu_, F.relu_)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A feature checked against the model: its layer, a channel (or unit), and optionally a position."""
+
+    layer: Layer
+    channel: int
+    position: tuple[int, int] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two layer-level back-projections with the stride fix, public so that they can be tested on their own.
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return (value[0], value[0])
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value
+
+
+def stride1_size(input_size, kernel_size, padding=0, dilation=1) -> tuple[int, int]:
+    """Output size ``A + 2*O - d*(M - 1)`` per axis of the stride-1 version of a conv or pool layer.
+
+    This is the size the stride fix resamples the incoming map to (Eq. 2 of the paper, with ``d = 1``).
+
+    Examples
+    --------
+    >>> stride1_size((112, 112), 11, padding=2)
+    (106, 106)
+    """
+    a, m, o, d = (_pair(input_size, "input_size"), _pair(kernel_size, "kernel_size"),
+                  _pair(padding, "padding"), _pair(dilation, "dilation"))
+    return tuple(a[i] + 2 * o[i] - d[i] * (m[i] - 1) for i in range(2))
+
+
+def _nearest(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """Source index of each of ``n_out`` pixels resampled from ``n_in``: ``floor((i + 1/2) * n_in / n_out)``,
+    as ``F.interpolate(mode="nearest-exact")``, but in exact integer arithmetic (PyTorch's float arithmetic
+    rounds exact ties either way, depending on dtype and code path)."""
+    i = torch.arange(n_out, device=device)
+    return torch.div((2 * i + 1) * n_in, 2 * n_out, rounding_mode="floor").clamp(max=n_in - 1)
+
+
+def _resample(signal: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resampling of the last two axes to ``size`` (``"nearest-exact"``, as MATLAB's
+    ``imresize``), by indexing, so that it also runs batched under ``torch.func.vmap``."""
+    for axis, n_out in ((-2, size[0]), (-1, size[1])):
+        if signal.shape[axis] != n_out:
+            signal = signal.index_select(axis, _nearest(signal.shape[axis], n_out, signal.device))
+    return signal
+
+
+def conv_backproject(signal: torch.Tensor, weight: torch.Tensor, input_size, *, stride=1, padding=0,
+                     dilation=1, groups: int = 1, stride_fix: bool = True) -> torch.Tensor:
+    """Back-project a signal through a ``Conv2d``: transposed convolution with the same weights, no bias.
+
+    Parameters
+    ----------
+    signal : Tensor, shape (N, C_out, B_h, B_w)
+        Signal at the layer's output.
+    weight : Tensor, shape (C_out, C_in / groups, M_h, M_w)
+        The layer's weights.
+    input_size : pair of int
+        ``(A_h, A_w)``, the layer's input size.
+    stride, padding, dilation, groups
+        As in :func:`torch.nn.functional.conv2d` (padding as int or pair).
+    stride_fix : bool
+        With ``stride > 1`` on an axis, resample the signal (nearest) to :func:`stride1_size` and
+        back-project with stride 1 (Eq. 2-3). Without it, this is the plain gradient.
+
+    Returns
+    -------
+    Tensor, shape (N, C_in, A_h, A_w)
+
+    Examples
+    --------
+    >>> ones = torch.ones(1, 1, 26, 26)
+    >>> cover = conv_backproject(ones, torch.ones(1, 1, 11, 11), (112, 112), stride=4)
+    >>> int(cover[0, 0, 50, 50]), int(cover[0, 0, 51, 51])
+    (121, 121)
+    """
+    size = _pair(input_size, "input_size")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if stride_fix and max(stride) > 1:
+        target = stride1_size(size, weight.shape[-2:], padding, dilation)
+        return F.conv_transpose2d(_resample(signal, target), weight, stride=1, padding=padding,
+                                  dilation=dilation, groups=groups)
+    if groups == 1 and dilation == (1, 1) and weight.shape[-2] * weight.shape[-1] >= 4 * stride[0] * stride[1]:
+        return _subpixel_transposed_conv(signal, weight, size, stride, padding)
+    shape = (signal.shape[0], weight.shape[1] * groups, *size)
+    return torch.nn.grad.conv2d_input(shape, weight, signal, stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups)
+
+
+def _subpixel_transposed_conv(signal, weight, size, stride, padding):
+    """The strided transposed convolution as one stride-1 convolution and a pixel shuffle.
+
+    Input pixel ``q = S*a + r`` (padded coordinates) receives ``sum_j w[S*j + r] * signal[a - j]``: for each
+    phase ``r`` a small stride-1 convolution with the taps ``r, r + S, ...``. All phases of all channels run
+    as one convolution, several times faster on CPU than PyTorch's strided transposed convolution for large
+    kernels (11x11 stride 4); the result is the same, up to float rounding.
+    """
+    c_out, c_in, m_h, m_w = weight.shape
+    (s_h, s_w), (p_h, p_w) = stride, padding
+    j_h, j_w = -(-m_h // s_h), -(-m_w // s_w)
+    taps = F.pad(weight, (0, s_w * j_w - m_w, 0, s_h * j_h - m_h)).view(c_out, c_in, j_h, s_h, j_w, s_w)
+    taps = taps.permute(1, 3, 5, 0, 2, 4).flip(-1, -2).reshape(c_in * s_h * s_w, c_out, j_h, j_w)
+    phases = F.conv2d(signal, taps, padding=(j_h - 1, j_w - 1))
+    n, _, a_h, a_w = phases.shape
+    full = phases.reshape(n, c_in, s_h, s_w, a_h, a_w).permute(0, 1, 4, 2, 5, 3).reshape(n, c_in, a_h * s_h,
+                                                                                       a_w * s_w)
+    short_h, short_w = max(0, p_h + size[0] - full.shape[-2]), max(0, p_w + size[1] - full.shape[-1])
+    if short_h or short_w:  # pixels no tap reaches
+        full = F.pad(full, (0, short_w, 0, short_h))
+    return full[..., p_h:p_h + size[0], p_w:p_w + size[1]]
+
+
+def maxpool_backproject(signal: torch.Tensor, inputs: torch.Tensor, kernel_size, *, stride=None, padding=0,
+                        dilation=1, ceil_mode: bool = False, pool_fix: str | None = "stride1") -> torch.Tensor:
+    """Back-project a signal through a ``MaxPool2d`` by its switches.
+
+    Parameters
+    ----------
+    signal : Tensor, shape (N, C, B_h, B_w)
+        Signal at the pool's output.
+    inputs : Tensor, shape (N, C, A_h, A_w)
+        The pool's forward input (it decides the switches).
+    kernel_size, stride, padding, dilation, ceil_mode
+        As in :func:`torch.nn.functional.max_pool2d`.
+    pool_fix : {"stride1", "switches"} or None
+        ``"stride1"``: when strided, resample the signal (nearest) to :func:`stride1_size` and route it through
+        the switches of a stride-1 max-pool on the same input. ``"switches"`` or None: the standard switches of
+        the strided pool (the gradient).
+
+    Returns
+    -------
+    Tensor, shape (N, C, A_h, A_w)
+
+    Examples
+    --------
+    >>> x = torch.arange(16.).reshape(1, 1, 4, 4)
+    >>> maxpool_backproject(torch.ones(1, 1, 2, 2), x, 2, pool_fix="switches")[0, 0].tolist()
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+    """
+    if pool_fix not in (*POOL_FIXES, None):
+        raise ValueError(f"pool_fix must be one of {POOL_FIXES} or None, got {pool_fix!r}")
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
+    kernel, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    inputs = inputs.detach()
+    if pool_fix == "stride1" and max(stride) > 1:
+        target = stride1_size(inputs.shape[-2:], kernel, padding, dilation)
+        signal = _resample(signal, target)
+        _, switches = F.max_pool2d(inputs, kernel, 1, padding, dilation, return_indices=True)
+    else:
+        _, switches = F.max_pool2d(inputs, kernel, stride, padding, dilation, ceil_mode=ceil_mode,
+                                   return_indices=True)
+    n, c, h, w = inputs.shape
+    zeros = torch.zeros((n, c, h * w), dtype=signal.dtype, device=signal.device)
+    # scatter_add, not max_unpool: overlapping windows send several signals to one pixel, and they add up
+    return zeros.scatter_add(2, switches.reshape(n, c, -1), signal.reshape(n, c, -1)).reshape(n, c, h, w)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Autograd functions that the torch-function mode swaps in during the forward pass.
+
+def _positive_part(signal: torch.Tensor) -> torch.Tensor:
+    return signal.clamp(min=0)
+
+
+def _relu(x: torch.Tensor, rule: str) -> torch.Tensor:
+    """ReLU whose backward follows ``rule``. A tensor hook clamps the incoming signal (cheaper than a custom
+    autograd function, and it runs under ``torch.func.vmap`` too); the ReLU's own gradient then applies
+    ``[x > 0]``, which the deconvnet bypasses by passing the signal straight through."""
+    y = torch.relu(x)
+    if rule == "deconvnet":
+        y = x + (y - x).detach()  # the value of relu(x), the gradient of the identity
+    if rule != "backprop" and y.requires_grad:
+        y.register_hook(_positive_part)
+    return y
+
+
+class _Conv2d(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups, stride_fix):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, stride, padding, dilation, groups, stride_fix = inputs
+        ctx.save_for_backward(weight)
+        ctx.conf = (tuple(x.shape[-2:]), stride, padding, dilation, groups, stride_fix)
+
+    @staticmethod
+    def backward(ctx, signal):
+        (weight,) = ctx.saved_tensors
+        size, stride, padding, dilation, groups, stride_fix = ctx.conf
+        grad = conv_backproject(signal, weight, size, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups, stride_fix=stride_fix)
+        return grad, None, None, None, None, None, None, None
+
+
+class _MaxPool2d(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, kernel, stride, padding, dilation, ceil_mode):
+        return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, stride, padding, dilation, _ = inputs
+        ctx.save_for_backward(x)
+        ctx.conf = (kernel, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, signal):
+        (x,) = ctx.saved_tensors
+        kernel, stride, padding, dilation = ctx.conf
+        grad = maxpool_backproject(signal, x, kernel, stride=stride, padding=padding, dilation=dilation,
+                                   pool_fix="stride1")
+        return grad, None, None, None, None, None
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """``F.local_response_norm`` with a hand-written gradient: autograd's goes through ``avg_pool3d``, whose
+    backward is slow on CPU, above all under vmap."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, size, alpha, beta, k):
+        return F.local_response_norm(x, size, alpha, beta, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.conf = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, signal):
+        # out_c = x_c * d_c^-beta with d_c = k + alpha/size * (sum of x_c'^2 over the window of c), the
+        # window of c being c - size//2 .. c + (size-1)//2; the chain rule sums over the transposed window
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k = ctx.conf
+        window = _channel_window(x.shape[-3], size // 2, (size - 1) // 2, x.dtype, x.device)
+        d = torch.einsum("dc,nchw->ndhw", window, x * x).mul(alpha / size).add(k)
+        scaled = d.pow(-beta)
+        through = x * scaled / d  # everything that does not depend on the signal, computed once
+        back = torch.einsum("cd,nchw->ndhw", window, signal * through)
+        return signal * scaled - (2 * alpha * beta / size) * x * back, None, None, None, None
+
+
+def _channel_window(channels: int, before: int, after: int, dtype, device) -> torch.Tensor:
+    """Matrix W with W[d, c] = 1 when c is in d - before .. d + after: ``W @ v`` sums v over each window."""
+    c = torch.arange(channels, device=device)
+    offset = c[None, :] - c[:, None]
+    return ((offset >= -before) & (offset <= after)).to(dtype)
+
+
+def _bind(args, kwargs, names, defaults):
+    """Positional + keyword arguments of a functional call as a dict over ``names``."""
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs or {})
+    return bound
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_LRN_ARGS = ("input", "size", "alpha", "beta", "k")
+_LRN_DEFAULTS = {"alpha": 1e-4, "beta": 0.75, "k": 1.0}
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+
+
+class _BackprojectionMode(TorchFunctionMode):
+    """Swap ReLU, strided conv, strided max-pool (under the fix) and LRN calls for the functions above; refuse
+    nonlinearities without a rule."""
+
+    def __init__(self, rule: str, stride_fix: bool, pool_fix: str, where):
+        super().__init__()
+        self.rule, self.stride_fix, self.pool_fix, self.where = rule, stride_fix, pool_fix, where
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCTIONS or func in _RELU_INPLACE_FUNCTIONS:
+            return _relu(args[0], self.rule)
+        if func is torch.conv2d:
+            a = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
+            if not isinstance(a["padding"], str) and max(_pair(a["stride"], "stride")) > 1:
+                return _Conv2d.apply(a["input"], a["weight"], a["bias"], _pair(a["stride"], "stride"),
+                                     _pair(a["padding"], "padding"), _pair(a["dilation"], "dilation"),
+                                     a["groups"], self.stride_fix)
+        elif func is F.local_response_norm:
+            a = _bind(args, kwargs, _LRN_ARGS, _LRN_DEFAULTS)
+            if a["input"].dim() == 4:
+                return _LocalResponseNorm.apply(a["input"], int(a["size"]), float(a["alpha"]),
+                                                float(a["beta"]), float(a["k"]))
+        elif func is F.max_pool2d and self.stride_fix and self.pool_fix == "stride1":
+            a = _bind(args, kwargs, _POOL_ARGS, _POOL_DEFAULTS)
+            stride = a["stride"] if a["stride"] not in (None, (), []) else a["kernel_size"]
+            if not a["return_indices"] and max(_pair(stride, "stride")) > 1:
+                return _MaxPool2d.apply(a["input"], _pair(a["kernel_size"], "kernel_size"),
+                                        _pair(stride, "stride"), _pair(a["padding"], "padding"),
+                                        _pair(a["dilation"], "dilation"), a["ceil_mode"])
+        else:
+            name = getattr(func, "__name__", "").rstrip("_")
+            if name in _UNSUPPORTED_FUNCTIONS:
+                raise TypeError(f"cannot back-project through the nonlinearity {name!r} "
+                                f"(called in {self.where()}); supported: ReLU in any form, conv, linear, "
+                                "pooling, batch norm, dropout, flatten, local response norm")
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The public entry point.
+
+class _Stop(Exception):
+    """Raised by the capture hook once the deepest feature layer has run: the rest of the net is not needed."""
+
+
+def _is_feature(item) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], (int, str, Layer)) \
+        and not isinstance(item[0], bool)
+
+
+_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
+    """:func:`vefi.layers.layer_table`, remembered per model while its modules (and their settings) and the
+    input shape stay the same: a call on a few features should not pay an extra forward pass."""
+    key = (input_shape, tuple((id(m), type(m), m.extra_repr()) for m in model.modules()))
+    if not list(model.children()):  # a one-layer model: its table would keep it alive in the cache
+        return layer_table(model, input_shape)
+    cached = _TABLES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers = layer_table(model, input_shape)
+    _TABLES[model] = (key, layers)
+    return layers
+
+
+def _check_images(images, layers_shape) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}")
+    if layers_shape is not None and tuple(images.shape[1:]) != tuple(layers_shape):
+        raise ValueError(f"images must have shape (N, {', '.join(map(str, layers_shape))}) for this model, "
+                         f"got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (no image in the batch)")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point (pixels in [0, 1]), got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf values")
+    return images
+
+
+def _resolve_feature(layers: list[Layer], item) -> _Resolved:
+    if not _is_feature(item):
+        raise TypeError(f"a feature is (layer, channel) or (layer, channel, (y, x)), got {item!r}")
+    layer = resolve_layer(layers, item[0])
+    channel = item[1]
+    if not isinstance(channel, numbers.Integral) or isinstance(channel, bool):
+        raise TypeError(f"channel must be an int, got {channel!r} for layer {layer.label}")
+    shape = layer.output_shape
+    if len(shape) not in (1, 3):
+        raise ValueError(f"layer {layer.label} has output shape {shape}; back-projection needs a map "
+                         "(C, H, W) or a vector of units")
+    if not 0 <= channel < shape[0]:
+        raise ValueError(f"channel {channel} out of range for layer {layer.label} ({layer.name!r}), which has "
+                         f"{shape[0]} {'channels' if len(shape) == 3 else 'units'} (0..{shape[0] - 1})")
+    position = None
+    if len(item) == 3 and item[2] is not None:
+        if len(shape) != 3:
+            raise ValueError(f"layer {layer.label} is a vector of units: a position makes no sense, got "
+                             f"{item[2]!r}")
+        position = tuple(int(p) for p in item[2])
+        if len(position) != 2 or not (0 <= position[0] < shape[1] and 0 <= position[1] < shape[2]):
+            raise ValueError(f"position must be (y, x) within {shape[1]}x{shape[2]} for layer {layer.label}, "
+                             f"got {item[2]!r}")
+    return _Resolved(layer, int(channel), position)
+
+
+def _check_invertible(layers: list[Layer], deepest: int) -> None:
+    for layer in layers:
+        if layer.number >= deepest:
+            break
+        m = layer.module
+        nonlinear = type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.ReLU)
+        if nonlinear or layer.kind == "softmax":
+            raise TypeError(f"cannot back-project through layer {layer.number} {layer.name!r} "
+                            f"({type(m).__name__}): no rule for this nonlinearity; supported are ReLU "
+                            "(module, in-place or functional), conv, linear, pooling, batch norm, dropout, "
+                            "flatten, local response norm")
+
+
+def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str = "guided",
+                stride_fix: bool = True, pool_fix: str = "stride1", source: str = "map",
+                batch_size: int | None = None) -> torch.Tensor:
+    """Back-project features of a model to input space, k features of n images in one backward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network of conv, linear, ReLU (``nn.ReLU``, in place or not, or ``torch.relu``/``F.relu`` in a
+        custom forward), max/avg/adaptive pooling, batch norm, dropout, flatten and local response norm
+        layers. It is run in eval mode and left exactly as it was, also when this raises.
+    images : Tensor, shape (n, C, H, W) or (C, H, W)
+        Input images, finite floats.
+    features : sequence
+        Either k features shared by all images, or n sequences of k features (one per image). A feature is
+        ``(layer, channel)`` or ``(layer, channel, (y, x))``, ``layer`` a number or name as in
+        :func:`vefi.layers.layer_table` (or a :class:`~vefi.layers.Layer`), ``channel`` a channel of a conv
+        map or a unit of a flat layer.
+    rule : {"guided", "deconvnet", "backprop"}
+        ReLU rule for incoming signal ``R`` and forward input ``x``: ``R*[x>0]*[R>0]``, ``R*[R>0]`` or
+        ``R*[x>0]``.
+    stride_fix : bool
+        Apply the stride fix (Eq. 2-3) to every strided ``Conv2d`` and (see ``pool_fix``) max-pool.
+    pool_fix : {"stride1", "switches"}
+        Under the stride fix, a strided max-pool goes back through the switches of a stride-1 pool on the
+        resampled map (``"stride1"``) or through its own switches (``"switches"``, the authors' choice).
+    source : {"map", "unit"}
+        ``"map"``: seed with the channel's actual activation map, all other channels zero (a flat layer: the
+        unit's activation). ``"unit"``: seed 1 at one unit, the given ``(y, x)`` or else, per image, the
+        position of the channel's largest response.
+    batch_size : int, optional
+        Rows (image x feature) per backward pass; default all at once.
+
+    Returns
+    -------
+    Tensor, shape (n, k, C, H, W)
+        One map per image and feature, in the images' dtype.
+
+    Raises
+    ------
+    ValueError
+        Unknown layer, channel or position out of range, images of the wrong shape or with NaN/Inf, unknown
+        rule/pool_fix/source, no features.
+    TypeError
+        A nonlinearity on the way back that has no rule (e.g. ``nn.Tanh``), or arguments of the wrong type.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 3))
+    >>> backproject(net, torch.rand(5, 1, 28, 28), [(1, 2), ("3", 1)], rule="deconvnet").shape
+    torch.Size([5, 2, 1, 28, 28])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value, allowed in (("rule", rule, RULES), ("pool_fix", pool_fix, POOL_FIXES),
+                                 ("source", source, SOURCES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    images = _check_images(images, getattr(model, "input_shape", None))
+    n = images.shape[0]
+    layers = _layers(model, tuple(images.shape[1:]))
+
+    if isinstance(features, (str, bytes)) or not isinstance(features, Sequence) or len(features) == 0:
+        raise ValueError(f"features must be a non-empty sequence of (layer, channel) pairs, got {features!r}")
+    if _is_feature(features[0]):
+        per_image = [list(features)] * n
+    elif not all(isinstance(f, (list, tuple)) and all(_is_feature(item) for item in f) for f in features):
+        raise TypeError("features must be (layer, channel) or (layer, channel, (y, x)) items, or one list of "
+                        f"them per image, got {features!r}")
+    else:
+        if len(features) != n:
+            raise ValueError(f"per-image features need one list per image: {n} images, {len(features)} lists")
+        per_image = [list(f) for f in features]
+    k = len(per_image[0])
+    if k == 0 or any(len(f) != k for f in per_image):
+        raise ValueError(f"every image needs the same, non-zero number of features, got "
+                         f"{[len(f) for f in per_image]}")
+    resolved = [[_resolve_feature(layers, item) for item in f] for f in per_image]
+    _check_invertible(layers, max(feat.layer.number for f in resolved for feat in f))
+
+    rows_per_pass = n * k if batch_size is None else batch_size
+    images_per_pass = max(1, rows_per_pass // k)
+    starts = range(0, n, images_per_pass)
+    chunks = progress(starts, desc="back-projecting", total=len(starts), disable=len(starts) == 1)
+    out = [_backproject_rows(model, images[s:s + images_per_pass], resolved[s:s + images_per_pass], rule,
+                             stride_fix, pool_fix, source) for s in chunks]
+    return torch.cat(out)
+
+
+def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, source) -> torch.Tensor:
+    """Maps (n, k, C, H, W) of n images and k features each, in one forward and one backward pass."""
+    n, k = len(resolved), len(resolved[0])
+    by_layer: dict[int, Layer] = {feat.layer.number: feat.layer for f in resolved for feat in f}
+    numbers = sorted(by_layer)
+    modules = {id(layer.module): layer.number for layer in by_layer.values()}
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(module, inputs, output):
+        number = modules[id(module)]
+        if number in captured:
+            return  # a module called twice is its first call, as in layer_table
+        # a clone: a later in-place op in the model must not change what we seed
+        captured[number] = output.clone()
+        if number == numbers[-1]:
+            raise _Stop
+
+    def where():
+        # only for an error message: the innermost module whose forward is on the call stack
+        names = {id(m): name for name, m in model.named_modules()}
+        frame = inspect.currentframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in names:
+                return f"module {names[id(owner)] or 'model'!r} ({type(owner).__name__})"
+            frame = frame.f_back
+        return "the model's forward"
+
+    def forward(x):
+        captured.clear()
+        with torch.enable_grad(), _BackprojectionMode(rule, stride_fix, pool_fix, where):
+            try:
+                model(x)
+            except _Stop:
+                pass
+        missing = [number for number in numbers if number not in captured]
+        if missing:
+            raise RuntimeError(f"layers {missing} were not called in the forward pass")
+        return tuple(captured[number] for number in numbers)
+
+    def seeds_for(acts):
+        """One seed per layer, shape (k, n, *layer output): row j of image i seeds feature j of image i."""
+        seeds = []
+        for number, act in zip(numbers, acts):
+            values = act.detach()
+            seed = torch.zeros((k, *values.shape), dtype=values.dtype, device=values.device)
+            at = [(j, i, feat) for i, feats in enumerate(resolved) for j, feat in enumerate(feats)
+                  if feat.layer.number == number]
+            rows = torch.tensor([j for j, _, _ in at], device=seed.device)
+            cols = torch.tensor([i for _, i, _ in at], device=seed.device)
+            channels = torch.tensor([feat.channel for _, _, feat in at], device=seed.device)
+            if source == "map":
+                seed[rows, cols, channels] = values[cols, channels]
+            elif values.dim() == 2:
+                seed[rows, cols, channels] = 1
+            else:
+                strongest = values[cols, channels].flatten(1).argmax(1)
+                ys, xs = strongest // values.shape[-1], strongest % values.shape[-1]
+                for t, (_, _, feat) in enumerate(at):
+                    if feat.position is not None:
+                        ys[t], xs[t] = feat.position
+                seed[rows, cols, channels, ys, xs] = 1
+            seeds.append(seed)
+        return seeds
+
+    handles = []
+    with preserved(model):
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for layer in by_layer.values():
+                handles.append(layer.module.register_forward_hook(capture))
+            # one forward pass of the n images; the backward pass is vmapped over the k seeds
+            acts, pull = torch.func.vjp(forward, images.detach())
+            (maps,) = torch.func.vmap(pull)(tuple(seeds_for(acts)))
+            return maps.detach().transpose(0, 1)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers to choose what to back-project and to show it.
+
+def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: int = 1) -> list[list[tuple]]:
+    """Per image, the ``top`` channels of each layer with the largest response (L2 norm over space; an fc
+    unit: its absolute value), as features for :func:`backproject`.
+
+    Zeiler & Fergus project the strongest activations; this picks them.
+
+    Returns
+    -------
+    list of n lists of ``len(layers) * top`` features ``(layer number, channel)``, layer by layer.
+
+    Examples
+    --------
+    >>> from vefi.models import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> feats = strongest_channels(build_model("mnist"), torch.rand(2, 1, 28, 28), ["conv1", "fc1"], top=2)
+    >>> len(feats), len(feats[0]), feats[0][0][0], feats[0][2][0]
+    (2, 4, 1, 9)
+    """
+    from vefi.descriptors import descriptors  # descriptors computes exactly these norms
+
+    images = _check_images(images, getattr(model, "input_shape", None))
+    if isinstance(layers, (int, str, Layer)):
+        layers = [layers]
+    table = _layers(model, tuple(images.shape[1:]))
+    chosen = [resolve_layer(table, key) for key in layers]
+    X, index, _ = descriptors(model, images, [layer.number for layer in chosen], show_progress=False)
+    out = [[] for _ in range(images.shape[0])]
+    for layer in chosen:
+        block = torch.from_numpy(X[:, index.block(layer.number)])
+        if not 1 <= top <= block.shape[1]:
+            raise ValueError(f"top must be in 1..{block.shape[1]} for layer {layer.label}, got {top!r}")
+        best = block.topk(top, dim=1).indices
+        for i in range(images.shape[0]):
+            out[i].extend((layer.number, int(c)) for c in best[i])
+    return out
+
+
+def heatmap(maps: torch.Tensor) -> torch.Tensor:
+    """Back-projected maps (..., C, H, W) as heatmaps (..., H, W): the magnitude summed over colour channels,
+    min-max normalised to [0, 1] per map (an all-zero map stays zero).
+
+    Examples
+    --------
+    >>> heatmap(torch.tensor([[[[1.0, -3.0]], [[1.0, 0.0]]]])).tolist()
+    [[[0.0, 1.0]]]
+    """
+    magnitude = maps.abs().sum(-3)
+    low = magnitude.amin((-2, -1), keepdim=True)
+    span = magnitude.amax((-2, -1), keepdim=True) - low
+    return torch.where(span > 0, (magnitude - low) / span.clamp_min(torch.finfo(span.dtype).tiny),
+                       torch.zeros_like(magnitude))
