@@ -23,7 +23,7 @@ book: data
 	@echo "The book is in _build/html/index.html"
 
 test: data
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest -q --doctest-modules tests vefi
 	VEFI_QUICK=1 VEFI_PROGRESS=off $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
 	  --nbval-sanitize-with notebooks/sanitize.cfg notebooks/
 

@@ -283,3 +283,15 @@ def test_callback_sees_every_iteration_with_the_full_gap():
     np.testing.assert_allclose(W, res.W)
     np.testing.assert_allclose(rel, res.relative_gap, atol=1e-12)
     assert all(np.all(np.abs(s[1]).sum(0) <= 4.0 * (1 + 1e-12)) for s in seen)
+
+
+def test_degenerate_data():
+    # descriptors that are all zero: nothing correlates with any class, w = 0 is optimal
+    gram = GramAccumulator.from_data(np.zeros((10, 4)), np.eye(2)[np.arange(10) % 2])
+    res = solve_mu_lasso(gram, 1.0)
+    assert res.converged and not res.W.any()
+    np.testing.assert_allclose(res.objective, [5.0, 5.0])
+    # one constant feature: the least-squares weight 0.5 fits inside the ball
+    res = solve_mu_lasso(GramAccumulator.from_data(np.ones((10, 1)), np.eye(2)[np.arange(10) % 2]), 1.0)
+    assert res.converged
+    np.testing.assert_allclose(res.W, [[0.5, 0.5]])

@@ -171,7 +171,7 @@ def load_dataset(name: str, split: str = "train", *, download: bool | None = Non
     Examples
     --------
     >>> test = load_dataset("an8flower-single", "test")  # doctest: +SKIP
-    >>> image, label = test[0]
+    >>> image, label = test[0]  # doctest: +SKIP
     """
     info = dataset_info(name)
     if split not in SPLITS:

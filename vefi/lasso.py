@@ -13,9 +13,14 @@ The solver is the spectral projected gradient method of SPGL1 (van den Berg & Fr
 ``tau = mu``: Barzilai-Borwein steps (Barzilai & Borwein 1988), a non-monotone line search, and the Euclidean
 projection onto the L1 ball (Duchi et al. 2008), all vectorised over the C columns. Because the objective is
 quadratic, a trial point along the projected direction ``d`` costs nothing beyond ``Q d``: the objective,
-the gradient and the next BB step follow from ``g^T d`` and ``d^T Q d``. The iterates are sparse, so ``Q d``
-touches only the rows of ``Q`` where ``d`` is nonzero. It stops when the relative duality gap of every class
-is below ``tol``.
+the gradient and the next BB step follow from ``g^T d`` and ``d^T Q d``. It stops when the relative duality
+gap of every class is below ``tol``. Two additions make it fast on descriptors, whose Gram matrix is
+ill-conditioned (even singular: every L1-normalised block sums to one) and whose solutions are sparse:
+
+* a face step (SPGL1's subspace minimisation): when a class keeps its support and signs, the exact minimiser
+  on that face solves a small linear system, so the iterations end once the support is right;
+* a working set: the SPG runs on the Gram block of a few features per class; one product with the full ``Q``
+  per round checks every feature against the optimality conditions and adds the violators.
 
 Duality gap (SPGL1's form). For ``min_w 0.5 ||A w - b||^2 s.t. ||w||_1 <= tau`` with residual
 ``r = b - A w``, the dual objective at ``r`` is ``b^T r - 0.5 ||r||^2 - tau ||A^T r||_inf``, so
@@ -119,23 +124,6 @@ def _project(mat: np.ndarray, radius: float) -> np.ndarray:
         proj *= np.where(norms > radius, radius / np.maximum(norms, radius), 1.0)
         out[:, outside] = proj
     return out
-    mag = np.abs(mat)
-    outside = np.flatnonzero(mag.sum(axis=0) > radius)
-    if outside.size:
-        a = mag[:, outside]
-        lower = a.max(axis=0) - radius
-        k = int((a > lower).sum(axis=0).max())
-        m = a.shape[0]
-        # The k largest entries of every column contain all entries above its threshold, and a sorted prefix
-        # of any length >= rho + 1 gives Duchi's rho, so one common k serves every column.
-        top = -np.partition(-a, k - 1, axis=0)[:k] if k < m else a
-        u = -np.sort(-top, axis=0)
-        css = np.cumsum(u, axis=0) - radius
-        ok = u * np.arange(1, k + 1)[:, None] > css
-        rho = k - 1 - np.argmax(ok[::-1], axis=0)
-        theta = css[rho, np.arange(outside.size)] / (rho + 1)
-        out[:, outside] = np.sign(mat[:, outside]) * np.maximum(a - theta, 0.0) + 0.0  # + 0.0: no -0.0
-    return out.reshape(v.shape)
 
 
 class GramAccumulator:
@@ -520,6 +508,9 @@ def _solve(Q, q, lsq, mu, tol, max_iter, W0, n_prev, gamma, callback=None) -> Mu
         elif rounds > 1:
             break
         U = np.flatnonzero(work)
+        if U.size == 0:  # no feature correlates with any class: w = 0 is optimal
+            f, gap, rel, G = _full_gap(Q, q, lsq, mu, W, U, f_floor)
+            break
         QU = Q[np.ix_(U, U)]
         report = None
         if callback is not None:
@@ -549,7 +540,7 @@ def _spg(Q, q, lsq, mu, W, tol, max_iter, n_prev, gamma, f_floor, report=None):
     G = QW - q
     f = _half_objective(W, QW, q, lsq)
     # Scale-aware safeguards for the BB step (1/trace(Q) <= 1/lambda_max is always a safe step).
-    scale = max(float(np.trace(Q)), np.finfo(float).tiny)
+    scale = float(np.trace(Q)) or 1.0
     step_min, step_max = 1e-10 / scale, 1e10 / scale
     D0 = _project(W - G, mu) - W
     dmax = np.abs(D0).max(axis=0)
