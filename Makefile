@@ -14,10 +14,11 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: book test bench data setup system notebooks clean
 
 book: data
-	@# jupyter-cache keys on code cells only: a changed vefi must re-run every chapter
+	@# jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run
+	@# every chapter, so forget both the execution cache and Sphinx's environment
 	@h=$$(find pyproject.toml vefi -name "*.py" -o -name pyproject.toml | sort | xargs cat | sha256sum | cut -c1-16); \
 	if [ "$$(cat _build/.vefi-hash 2>/dev/null)" != "$$h" ]; then \
-	  echo "vefi changed: clearing the notebook execution cache"; rm -rf _build/.jupyter_cache; \
+	  echo "vefi changed: every chapter will run again"; rm -rf _build/.jupyter_cache _build/.doctrees; \
 	  mkdir -p _build; echo "$$h" > _build/.vefi-hash; fi
 	VEFI_QUICK=0 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
