@@ -279,8 +279,9 @@ def _torchvision_download(cls_name: str) -> Path:
     import torchvision
 
     root = data_dir()
-    getattr(torchvision.datasets, cls_name)(root, train=True, download=True)
-    getattr(torchvision.datasets, cls_name)(root, train=False, download=True)
+    # opt-in only: reached when the caller allowed downloads (download=True or VEFI_ALLOW_DOWNLOAD=1)
+    getattr(torchvision.datasets, cls_name)(root, train=True, download=True)  # opt-in
+    getattr(torchvision.datasets, cls_name)(root, train=False, download=True)  # opt-in
     return root / cls_name / "raw"
 
 
