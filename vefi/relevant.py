@@ -1,0 +1,135 @@
+"""The relevant features of the book's trained networks: descriptors of the training set, mu-Lasso, cached.
+
+Every chapter after the third needs the same thing: "the features mu-Lasso selects for network X at mu".
+:func:`relevant_features` computes the descriptor statistics of the training set once per trained model
+(only the Gram pair of :class:`vefi.lasso.GramAccumulator`, cached on disk under a hash of the weights),
+and fits :class:`vefi.selection.RelevantFeatureSelector` on them, for every layer before the classifier
+("All") or for the convolutional part only ("OnlyConv", Fig. 4 of the paper).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from vefi._cache import load_arrays, save_arrays
+from vefi.config import data_dir
+from vefi.data import load_dataset
+from vefi.descriptors import Feature, FeatureIndex, default_layers, descriptors
+from vefi.lasso import GramAccumulator
+from vefi.selection import RelevantFeatureSelector, one_hot
+from vefi.train import pretrained
+
+__all__ = ["DEFAULT_MU", "RelevantFeatures", "model_fingerprint", "relevant_features", "training_gram"]
+
+DEFAULT_MU = 10.0
+"""The paper's budget (Sec. 4.1: mu=10 for MNIST and ImageNet); the book uses it for every network."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RelevantFeatures:
+    """The features mu-Lasso selected for one trained network.
+
+    Attributes
+    ----------
+    dataset : str
+    mu : float
+    only_conv : bool
+    model : torch.nn.Module
+        The trained network the descriptors came from.
+    index : FeatureIndex
+        What each descriptor column (and each column of ``selector.coef_``) is.
+    selector : RelevantFeatureSelector
+        Fitted; ``selector.coef_`` is (C, m).
+    """
+
+    dataset: str
+    mu: float
+    only_conv: bool
+    model: nn.Module
+    index: FeatureIndex
+    selector: RelevantFeatureSelector
+
+    @property
+    def features(self) -> list[Feature]:
+        """Features relevant to any class, in column order."""
+        return self.selector.selected_features(self.index)
+
+    @property
+    def per_class(self) -> dict[int, list[Feature]]:
+        """For each class, its relevant features, strongest weight first."""
+        return self.selector.features_per_class(self.index)
+
+    def __repr__(self) -> str:
+        return (f"RelevantFeatures({self.dataset!r}, mu={self.mu:g}, "
+                f"{'OnlyConv' if self.only_conv else 'All'}: {len(self.features)} of {len(self.index)})")
+
+
+def training_gram(name: str, model: nn.Module | None = None) -> tuple[GramAccumulator, FeatureIndex]:
+    """The Gram pair of the default descriptors (every layer before the classifier) of the training set of
+    ``name`` under ``model`` (default: the book's trained model), cached on disk."""
+    model = pretrained(name) if model is None else model
+    data = load_dataset(name, "train")
+    index = FeatureIndex.from_layers(default_layers(model))
+    path = data_dir() / "descriptors" / f"{name}-gram-{model_fingerprint(model)}-n{len(data)}.npz"
+    stored = load_arrays(path)
+    gram = GramAccumulator()
+    if stored is None:
+        X, index, y = descriptors(model, data, batch_size=250)
+        gram = GramAccumulator.from_data(X, one_hot(y, len(data.classes)))
+        save_arrays(path, Q=gram.Q, q=gram.q, lsq=gram.lsq, n=np.array(gram.n_samples))
+    else:
+        gram.Q, gram.q, gram.lsq, gram.n_samples = stored["Q"], stored["q"], stored["lsq"], int(stored["n"])
+    return gram, index
+
+
+def _sub_gram(gram: GramAccumulator, columns: np.ndarray) -> GramAccumulator:
+    sub = GramAccumulator()
+    sub.Q = gram.Q[np.ix_(columns, columns)].copy()
+    sub.q = gram.q[columns].copy()
+    sub.lsq = gram.lsq.copy()
+    sub.n_samples = gram.n_samples
+    return sub
+
+
+def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = False,
+                      model: nn.Module | None = None) -> RelevantFeatures:
+    """The features mu-Lasso selects for the network of dataset ``name``.
+
+    Parameters
+    ----------
+    name : str
+        A dataset of :data:`vefi.data.DATASETS`.
+    mu : float
+        L1 budget per class.
+    only_conv : bool
+        Select among the convolutional part only (the paper's "OnlyConv").
+    model : torch.nn.Module, optional
+        A network trained on ``name``; default the book's (:func:`vefi.train.pretrained`).
+
+    Examples
+    --------
+    >>> rel = relevant_features("mnist")  # doctest: +SKIP
+    >>> rel.per_class[3][:3]  # doctest: +SKIP
+    """
+    model = pretrained(name) if model is None else model
+    gram, index = training_gram(name, model)
+    if only_conv:
+        conv_layers = default_layers(model, only_conv=True)
+        gram = _sub_gram(gram, index.columns(conv_layers))
+        index = FeatureIndex.from_layers(conv_layers)
+    selector = RelevantFeatureSelector(mu=mu).fit(gram)
+    return RelevantFeatures(name, float(mu), bool(only_conv), model, index, selector)
