@@ -1,7 +1,9 @@
 # The two commands of the README do all set-up on a fresh machine and are cheap when nothing changed:
 #   make book   venv, install, data, then build the whole book, every chapter executed in full mode
 #   make test   venv, install, data, then unit tests and every notebook under nbval in quick mode
-# Also: make bench (speed against the peer libraries), make notebooks (re-store notebooks for nbval).
+#               and a browser test of the site built in quick mode (headless Chromium)
+# Also: make bench (speed against the peer libraries), make notebooks (re-store notebooks for nbval),
+#       make quickbook (the book in quick mode, in _build/quick; what the browser test visits).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,23 +12,42 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BOOK_FLAGS := --config book/_config.yml --toc book/_toc.yml
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+VENDOR := book/_static/vendor
+# The quick-mode book has its own output folder and execution cache: quick and full outputs never mix.
+QUICK_OUT := _build/quick
+QUICK_HTML := $(QUICK_OUT)/_build/html
 
-.PHONY: book test bench data setup system notebooks clean
+.PHONY: book quickbook test bench data setup system vendor notebooks clean
 
-book: data
-	@# jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run
-	@# every chapter, so forget both the execution cache and Sphinx's environment
+# jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run every
+# chapter, so forget both the execution cache and Sphinx's environment of the build folder $(1)
+define forget_if_vefi_changed
 	@h=$$(find pyproject.toml vefi -name "*.py" -o -name pyproject.toml | sort | xargs cat | sha256sum | cut -c1-16); \
-	if [ "$$(cat _build/.vefi-hash 2>/dev/null)" != "$$h" ]; then \
-	  echo "vefi changed: every chapter will run again"; rm -rf _build/.jupyter_cache _build/.doctrees; \
-	  mkdir -p _build; echo "$$h" > _build/.vefi-hash; fi
+	if [ "$$(cat $(1)/.vefi-hash 2>/dev/null)" != "$$h" ]; then \
+	  echo "vefi changed: every chapter will run again"; rm -rf $(1)/.jupyter_cache $(1)/.doctrees; \
+	  mkdir -p $(1); echo "$$h" > $(1)/.vefi-hash; fi
+endef
+
+book: data vendor
+	$(call forget_if_vefi_changed,_build)
 	VEFI_QUICK=0 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
 
+quickbook: data vendor
+	$(call forget_if_vefi_changed,$(QUICK_OUT)/_build)
+	VEFI_QUICK=1 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) --path-output $(QUICK_OUT) \
+	  -W -n --keep-going
+	@echo "The quick-mode book is in $(QUICK_HTML)/index.html"
+
 test: data
-	$(PY) -m pytest -q --doctest-modules tests vefi
+	$(PY) -m pytest -q --doctest-modules tests vefi --ignore=tests/browser
 	VEFI_QUICK=1 VEFI_PROGRESS=off $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
 	  --nbval-sanitize-with notebooks/sanitize.cfg notebooks/
+	@# the browser test: build the quick book only when Chromium can visit it (the test skips, saying why,
+	@# when Chromium is missing and we are not root to install it)
+	@if [ "$$(id -u)" = 0 ] || { command -v chromium && command -v chromedriver && command -v npm; } >/dev/null; \
+	then $(MAKE) --no-print-directory quickbook; fi
+	VEFI_SITE=$(QUICK_HTML) $(PY) -m pytest -q -rs -p no:cacheprovider --doctest-modules book/_ext tests/browser
 
 bench: data
 	@for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
@@ -44,16 +65,31 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# Fashion-MNIST comes from Debian's package; install it when we may, else vefi.data says what to do.
+# Debian packages: Fashion-MNIST (the data), nodejs + npm (to vendor the book's JavaScript), chromium +
+# chromium-driver (the browser test). Installed when we may (root with apt-get), else we say what to run.
 system:
-	@if [ -d $(FASHION_DIR) ] || [ -d data/fashion-mnist ] || [ -n "$$VEFI_FASHION_MNIST" ]; then :; \
+	@need=""; \
+	[ -d $(FASHION_DIR) ] || [ -d data/fashion-mnist ] || [ -n "$$VEFI_FASHION_MNIST" ] || need="$$need dataset-fashion-mnist"; \
+	command -v npm >/dev/null || need="$$need nodejs npm"; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v chromedriver >/dev/null || need="$$need chromium-driver"; \
+	if [ -z "$$need" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian's dataset-fashion-mnist"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (see data/README.md)"; fi
+	  echo "installing Debian's$$need"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	else echo "missing Debian packages: run 'sudo apt-get install$$need' (see README.md)"; fi
+
+# The book's JavaScript (widget manager, require.js, MathJax) from npm, pinned by package-lock.json, copied
+# to $(VENDOR) for the pages to load without a CDN. Runs again only when the pins change.
+vendor: $(VENDOR)/VERSIONS.json
+
+$(VENDOR)/VERSIONS.json: package.json package-lock.json scripts/vendor_js.py | system
+	@command -v npm >/dev/null || { echo "npm missing: run 'sudo apt-get install nodejs npm'"; exit 1; }
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	$(PYTHON) scripts/vendor_js.py
 
 notebooks: data
 	$(PY) scripts/store_notebook.py notebooks/*.ipynb
 
 clean:
-	rm -rf _build
+	rm -rf _build $(VENDOR) node_modules

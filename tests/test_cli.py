@@ -1,0 +1,167 @@
+"""The command line ``python -m vefi``: exit codes, messages, and no half-written output."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vefi import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setenv("VEFI_QUICK", "1")
+    monkeypatch.setenv("VEFI_PROGRESS", "off")
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv", [[], ["explain", "--help"], ["select", "--help"], ["fetch", "--help"]])
+def test_help_everywhere_documents_the_exit_codes(argv, capsys):
+    code, out, err = run(argv or ["--help"], capsys)
+    assert code == 0
+    assert "exit codes" in out and "3  data not found" in out and "4  bad value" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--dataset", "mnist", "--index", "0"], "--out"),  # missing a required flag
+    (["explain", "--dataset", "imagenet", "--index", "0", "--out", "x.png"], "invalid choice: 'imagenet'"),
+    (["explain", "--dataset", "mnist", "--index", "-1", "--out", "x.png"], "expected an integer >= 0"),
+    (["explain", "--dataset", "mnist", "--index", "0", "--out", "x.png", "--k", "0"], "positive integer"),
+    (["select", "--dataset", "mnist", "--mu", "0"], "positive finite number"),
+    (["select", "--dataset", "mnist", "--mu", "nan"], "positive finite number"),
+    (["select", "--dataset", "mnist", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(argv, capsys)
+    assert code == cli.EXIT_USAGE
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("computed before checking the output path")
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda d: d / "missing" / "fig.png", "does not exist"),
+    (lambda d: d, "it is a folder"),
+    (lambda d: d / "fig.txt", "expected a file name ending in .png"),
+])
+def test_unwritable_output_is_refused_before_computing(make_out, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_split", _fail_if_called)
+    out_path = make_out(tmp_path)
+    code, out, err = run(["explain", "--dataset", "mnist", "--index", "0", "--out", str(out_path)], capsys)
+    assert code == cli.EXIT_VALUE
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_folder_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_split", _fail_if_called)
+    tmp_path.chmod(0o500)
+    try:
+        code, out, err = run(["explain", "--dataset", "mnist", "--index", "0",
+                              "--out", str(tmp_path / "fig.png")], capsys)
+    finally:
+        tmp_path.chmod(0o700)
+    assert code == cli.EXIT_VALUE and "permission denied" in err
+
+
+def test_index_and_class_out_of_range_exit_4(tmp_path, capsys):
+    out_path = tmp_path / "fig.png"
+    code, out, err = run(["explain", "--dataset", "an8flower-single", "--index", "100000",
+                          "--out", str(out_path)], capsys)
+    assert code == cli.EXIT_VALUE
+    assert "--index 100000 is out of range" in err and "test split of an8flower-single" in err
+    code, out, err = run(["explain", "--dataset", "an8flower-single", "--index", "3", "--class", "6",
+                          "--out", str(out_path)], capsys)
+    assert code == cli.EXIT_VALUE
+    assert "--class 6 is out of range" in err and "(0 to 5)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_data_exits_3(tmp_path, capsys, monkeypatch):
+    from vefi.data import DataNotFoundError
+
+    def missing(name, split):
+        raise DataNotFoundError(f"{name} is not here; run make data")
+
+    monkeypatch.setattr(cli, "_load_split", missing)
+    code, out, err = run(["explain", "--dataset", "mnist", "--index", "0", "--out", str(tmp_path / "f.png")],
+                         capsys)
+    assert code == cli.EXIT_DATA and "data not found" in err and "run make data" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crash_while_computing_exits_1_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    import vefi.relevant
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(vefi.relevant, "relevant_features", crash)
+    code, out, err = run(["select", "--dataset", "mnist", "--out", str(tmp_path / "features.csv")], capsys)
+    assert code == cli.EXIT_UNEXPECTED
+    assert "RuntimeError: boom" in err and "unexpected error" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with cli.atomic_output(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+    with cli.atomic_output(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+def test_select_writes_every_class_as_csv(tmp_path, capsys):
+    from vefi.relevant import relevant_features
+
+    out_path = tmp_path / "features.csv"
+    code, out, err = run(["select", "--dataset", "mnist", "--mu", "10", "--only-conv", "--out", str(out_path)],
+                         capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(out_path.open()))
+    relevant = relevant_features("mnist", mu=10, only_conv=True)
+    assert len(rows) == sum(len(f) for f in relevant.per_class.values()) > 0
+    assert {r["kind"] for r in rows} <= {"conv", "relu", "pool", "norm"}
+    for r in rows:
+        column = relevant.index.column(int(r["layer_number"]), int(r["channel"]))
+        assert float(r["weight"]) == pytest.approx(relevant.selector.coef_[int(r["class"]), column], rel=1e-5)
+    assert f"wrote {len(rows)} rows" in out
+    code, out, err = run(["select", "--dataset", "mnist", "--only-conv"], capsys)
+    assert code == 0 and out.count("\nclass ") == 10 and "OnlyConv" in out
+
+
+def test_explain_end_to_end_in_a_subprocess(tmp_path):
+    pytest.importorskip("vefi.explain", reason="vefi.explain (issue #5) is not in the tree yet")
+    out_path = tmp_path / "fig.png"
+    env = dict(os.environ, VEFI_QUICK="1", VEFI_PROGRESS="off")
+    proc = subprocess.run([sys.executable, "-m", "vefi", "explain", "--dataset", "mnist", "--index", "3",
+                           "--k", "2", "--out", str(out_path)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "mnist test image 3" in proc.stdout and f"wrote {out_path}" in proc.stdout
+    assert out_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]  # no temporary file left behind

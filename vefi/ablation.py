@@ -1,0 +1,530 @@
+"""Ablation of relevant features: does the network need the features mu-Lasso selected? (Sec. 4.1, Fig. 4)
+
+A feature is one channel of a layer's output (or one unit of a fully connected layer). *Ablating* it sets
+that channel's whole map to zero, so that the next layer sees zeros there. If the selected features matter
+for the decision, ablating them should hurt the network more than ablating as many features picked at random
+from the same layers. The paper measures this by the *mean class accuracy* (the mean over classes of the
+per-class accuracy) on the test set, for the features selected from every layer ("All"), from the
+convolutional part only ("OnlyConv"), and random features.
+
+Batching: several ablation configurations run in one forward pass. The images are repeated once per
+configuration along the batch axis, and a forward hook on each touched layer multiplies the output of
+configuration ``g`` by that configuration's channel mask. One pass over the test images measures them all.
+
+A feature at a ReLU is the ReLU's *output*. Our ReLUs are in place, so a ReLU's output is the same tensor as
+its input; the hook therefore returns a new, masked tensor (never edits the output in place), which is what
+the next layer receives.
+
+Examples
+--------
+>>> import torch
+>>> from vefi.models import build_model
+>>> _ = torch.manual_seed(0)
+>>> net = build_model("mnist")
+>>> x = torch.rand(2, 1, 28, 28)
+>>> with ablated(net, [("relu1", 3)]) as seen:
+...     out = seen(x)
+>>> tuple(out.shape), len(net.conv1._forward_hooks)
+((2, 10), 0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vefi._cache import load_arrays, save_arrays
+from vefi._model_state import preserved
+from vefi._progress import progress
+from vefi.config import data_dir
+from vefi.data import load_dataset
+from vefi.descriptors import Feature, FeatureIndex
+from vefi.layers import Layer, layer_table, resolve_layer
+
+__all__ = ["PAPER_FEATURE_COUNTS", "BOOK_IMAGES", "AblationResult", "book_images", "ablated", "ablation_accuracy",
+           "ablation_study", "feature_strength", "mean_class_accuracy", "random_like", "subsample"]
+
+#: Number of features mu-Lasso selected at mu=10 in the paper (Fig. 4 of Oramas et al. 2019), All | OnlyConv.
+PAPER_FEATURE_COUNTS = {
+    "mnist": (92, 101),
+    "fashion-mnist": (46, 28),
+    "an8flower-single": (104, 111),
+    "an8flower-double": (248, 180),
+}
+
+#: Test images the book measures on (a seeded subset), per study and dataset family: (full mode, quick mode).
+#: Heatmap studies are costlier per image than ablation (one backward pass per image and method).
+BOOK_IMAGES = {
+    "ablation": {"mnist": (2000, 300), "an8flower": (600, 60)},
+    "heatmaps": {"mnist": (300, 40), "an8flower": (120, 24)},
+}
+
+
+def book_images(name: str, study: str) -> int:
+    """Number of test images the book's chapters use for ``study`` ("ablation" or "heatmaps") on dataset
+    ``name``, in the current mode (see :data:`BOOK_IMAGES`).
+
+    Examples
+    --------
+    >>> book_images("fashion-mnist", "ablation") in (2000, 500)
+    True
+    """
+    from vefi.config import quick_mode
+
+    if study not in BOOK_IMAGES:
+        raise ValueError(f"study must be one of {sorted(BOOK_IMAGES)}, got {study!r}")
+    family = "an8flower" if name.startswith("an8flower") else "mnist"
+    return BOOK_IMAGES[study][family][1 if quick_mode() else 0]
+
+
+# Bump when the computation of a cached result changes, so that stale results are not reused.
+_RESULT_VERSION = 1
+
+
+def mean_class_accuracy(predicted, labels, n_classes: int | None = None) -> float:
+    """Mean over classes of the per-class accuracy (the fraction of each class's images predicted right).
+
+    Classes without any image in ``labels`` are left out of the mean.
+
+    Parameters
+    ----------
+    predicted, labels : array-like of int, shape (N,)
+        Predicted and true class indices.
+    n_classes : int, optional
+        Number of classes; default ``max(labels) + 1``.
+
+    Examples
+    --------
+    >>> mean_class_accuracy([0, 0, 1, 1], [0, 1, 1, 1])  # class 0: 1/1, class 1: 2/3
+    0.8333333333333333
+    """
+    predicted = np.asarray(predicted).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if predicted.shape != labels.shape:
+        raise ValueError(f"predicted and labels must have the same length, got {predicted.shape[0]} and "
+                         f"{labels.shape[0]}")
+    if labels.size == 0:
+        raise ValueError("no labels: cannot compute an accuracy on zero images")
+    if not (np.issubdtype(labels.dtype, np.integer) and np.issubdtype(predicted.dtype, np.integer)):
+        raise TypeError(f"expected integer class indices, got {predicted.dtype} and {labels.dtype}")
+    n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must be in 0..{n_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    per_class = np.bincount(labels, minlength=n_classes).astype(float)
+    right = np.bincount(labels[predicted == labels], minlength=n_classes).astype(float)
+    present = per_class > 0
+    return float(np.mean(right[present] / per_class[present]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Masks and hooks
+
+def _resolve(table: list[Layer], item) -> tuple[Layer, int]:
+    """A feature (``Feature`` or ``(layer, channel)``) as its layer and channel, checked."""
+    if isinstance(item, Feature):
+        layer, channel = resolve_layer(table, item.layer_number), item.channel
+        if layer.name != item.layer_name:
+            raise ValueError(f"feature {item} does not belong to this model: its layer {item.layer_number} is "
+                             f"{layer.name!r}, not {item.layer_name!r}")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        layer, channel = resolve_layer(table, item[0]), item[1]
+    else:
+        raise TypeError(f"a feature must be a vefi Feature or a (layer, channel) pair, got {item!r}")
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+        raise TypeError(f"channel must be an int, got {type(channel).__name__}")
+    if not 0 <= int(channel) < layer.channels:
+        raise ValueError(f"channel {int(channel)} out of range: layer {layer.number} ({layer.name}) has "
+                         f"{layer.channels} channels")
+    return layer, int(channel)
+
+
+def _masks(table: list[Layer], configurations: Sequence[Iterable]) -> dict[int, tuple[Layer, torch.Tensor]]:
+    """For each touched layer, a (G, C) mask: 0 where configuration g ablates channel c, else 1."""
+    masks: dict[int, tuple[Layer, torch.Tensor]] = {}
+    for g, features in enumerate(configurations):
+        if isinstance(features, (Feature, str)) or (isinstance(features, tuple) and len(features) == 2
+                                                     and isinstance(features[0], (int, str, np.integer))):
+            raise TypeError("each configuration must be a sequence of features, got a single feature "
+                            f"{features!r}; wrap it in a list")
+        for item in features:
+            layer, channel = _resolve(table, item)
+            if layer.number not in masks:
+                masks[layer.number] = (layer, torch.ones(len(configurations), layer.channels))
+            masks[layer.number][1][g, channel] = 0.0
+    return masks
+
+
+def _mask_hook(mask: torch.Tensor):
+    groups = mask.shape[0]
+
+    def hook(module, inputs, output):
+        if not isinstance(output, torch.Tensor) or output.shape[0] % groups:
+            raise RuntimeError(f"cannot ablate: expected a tensor output whose batch is a multiple of {groups}")
+        shaped = output.reshape(groups, output.shape[0] // groups, *output.shape[1:])
+        m = mask.to(device=output.device, dtype=output.dtype)
+        m = m.reshape(groups, 1, mask.shape[1], *([1] * (output.dim() - 2)))
+        # A new tensor, not an in-place edit: with an in-place ReLU the output aliases the layer's input.
+        return (shaped * m).reshape(output.shape)
+
+    return hook
+
+
+@contextmanager
+def _hooked(masks: dict[int, tuple[Layer, torch.Tensor]]) -> Iterator[None]:
+    handles = []
+    try:
+        for layer, mask in masks.values():
+            handles.append(layer.module.register_forward_hook(_mask_hook(mask)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def ablated(model: nn.Module, features: Iterable, *, input_shape: tuple[int, ...] | None = None
+            ) -> Iterator[nn.Module]:
+    """Context manager under which ``model`` runs with ``features`` set to zero.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Left exactly as it came on exit (hooks removed), also when the body raises.
+    features : iterable
+        Features as :class:`vefi.descriptors.Feature` or ``(layer, channel)`` pairs, ``layer`` a number or
+        name of :func:`vefi.layers.layer_table`. A channel of a conv-like output is zeroed over its whole map;
+        a unit of a flat output is zeroed. A feature at a ReLU is the ReLU's output.
+    input_shape : tuple of int, optional
+        For models without an ``input_shape`` attribute.
+
+    Yields
+    ------
+    torch.nn.Module
+        The model itself, hooked.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True))
+    >>> with ablated(net, [(2, 0)], input_shape=(3,)):
+    ...     float(net(torch.ones(1, 3))[0, 0])
+    0.0
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    masks = _masks(layer_table(model, input_shape), [list(features)])
+    with preserved(model), _hooked(masks):
+        yield model
+
+
+def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurations: Sequence[Iterable], *,
+                      n_classes: int | None = None, max_rows: int = 4096, desc: str = "ablation"
+                      ) -> np.ndarray:
+    """Mean class accuracy of ``model`` on ``images`` under each ablation configuration.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Run in eval mode under ``no_grad``; left as it came.
+    images : Tensor, shape (N, C, H, W)
+        Float images in [0, 1].
+    labels : array-like of int, shape (N,)
+    configurations : sequence of sequences of features
+        One feature list per configuration (see :func:`ablated`); an empty list is the intact network.
+    n_classes : int, optional
+        Default: the model's ``classes`` or ``max(labels) + 1``.
+    max_rows : int
+        Images x configurations per forward pass: configurations are batched along the batch axis.
+    desc : str
+        Progress bar label.
+
+    Returns
+    -------
+    numpy.ndarray, shape (G,)
+        Mean class accuracy per configuration.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from vefi.models import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> net = build_model("mnist")
+    >>> acc = ablation_accuracy(net, torch.rand(20, 1, 28, 28), torch.arange(20) % 10, [[], [("fc2", 1)]])
+    >>> acc.shape
+    (2,)
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise TypeError(f"images must be a (N, C, H, W) tensor, got "
+                        f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}")
+    if not images.is_floating_point() or not torch.isfinite(images).all():
+        raise ValueError("images must be finite floats in [0, 1]")
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    configurations = [list(c) for c in configurations]
+    if not configurations:
+        raise ValueError("configurations is empty: pass at least one (an empty list is the intact network)")
+    if n_classes is None:
+        classes = getattr(model, "classes", None)
+        n_classes = len(classes) if classes is not None else int(labels.max()) + 1
+    table = layer_table(model, tuple(images.shape[1:]))
+    n = images.shape[0]
+    per_pass = max(1, int(max_rows) // n) if n <= max_rows else 1
+    image_chunk = n if n <= max_rows else int(max_rows)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    predicted = np.zeros((len(configurations), n), dtype=np.int64)
+    steps = [(g, s) for g in range(0, len(configurations), per_pass) for s in range(0, n, image_chunk)]
+    with preserved(model), torch.no_grad():
+        model.eval()
+        for g0, s0 in progress(steps, desc=desc):
+            group = configurations[g0:g0 + per_pass]
+            x = images[s0:s0 + image_chunk].to(device)
+            masks = _masks(table, group)
+            with _hooked(masks):
+                out = model(x.repeat(len(group), *([1] * (x.dim() - 1))))
+            predicted[g0:g0 + len(group), s0:s0 + x.shape[0]] = \
+                out.argmax(1).reshape(len(group), x.shape[0]).cpu().numpy()
+    return np.array([mean_class_accuracy(p, labels, n_classes) for p in predicted])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which features: the selected ones by strength, and random controls
+
+def feature_strength(coef: np.ndarray) -> np.ndarray:
+    """Strength of each feature (column of ``coef``, shape (C, m)): its largest absolute weight over classes.
+
+    Examples
+    --------
+    >>> feature_strength(np.array([[0.5, -2.0, 0.0], [1.0, 0.1, 0.0]])).tolist()
+    [1.0, 2.0, 0.0]
+    """
+    coef = np.asarray(coef, dtype=float)
+    if coef.ndim != 2:
+        raise ValueError(f"coef must be (C, m), got shape {coef.shape}")
+    return np.abs(coef).max(axis=0)
+
+
+def random_like(features: Sequence[Feature], index: FeatureIndex, seed: int) -> list[Feature]:
+    """As many random features as ``features`` has in each layer, drawn from the same layers.
+
+    In each layer, the channels are drawn uniformly without replacement from all the layer's channels (the
+    selected ones included), so the control keeps the layer distribution and nothing else.
+
+    Parameters
+    ----------
+    features : sequence of Feature
+    index : FeatureIndex
+        Knows each layer's number of channels.
+    seed : int
+        Same seed, same draw.
+
+    Examples
+    --------
+    >>> from vefi.models import build_model
+    >>> from vefi.descriptors import default_layers
+    >>> index = FeatureIndex.from_layers(default_layers(build_model("mnist")))
+    >>> picked = [index[0], index[1], index[40]]
+    >>> drawn = random_like(picked, index, seed=0)
+    >>> [f.layer_name for f in drawn] == [f.layer_name for f in picked], drawn == random_like(picked, index, 0)
+    (True, True)
+    """
+    if not isinstance(index, FeatureIndex):
+        raise TypeError(f"expected a FeatureIndex, got {type(index).__name__}")
+    rng = np.random.default_rng(int(seed))
+    counts: dict[int, int] = defaultdict(int)
+    for f in features:
+        counts[f.layer_number] += 1
+    by_number = {layer.number: layer for layer in index.layers}
+    drawn = []
+    for number in sorted(counts):
+        if number not in by_number:
+            raise ValueError(f"feature layer {number} is not in the index (layers "
+                             f"{sorted(by_number)})")
+        layer = by_number[number]
+        if counts[number] > layer.channels:
+            raise ValueError(f"{counts[number]} features asked from layer {number}, which has {layer.channels}")
+        channels = np.sort(rng.choice(layer.channels, size=counts[number], replace=False))
+        drawn += [Feature(layer.number, layer.name, layer.kind, int(c)) for c in channels]
+    return drawn
+
+
+def subsample(n_total: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``n`` of ``n_total`` test images (all when ``n`` is None
+    or at least ``n_total``).
+
+    Examples
+    --------
+    >>> subsample(10, 3, seed=0).tolist() == subsample(10, 3, seed=0).tolist(), len(subsample(10, None))
+    (True, 10)
+    """
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return np.sort(np.random.default_rng(int(seed)).permutation(n_total)[:n])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The study of the chapter, cached
+
+@dataclass
+class AblationResult:
+    """Mean class accuracies of one network under ablation (what :func:`ablation_study` returns).
+
+    Attributes
+    ----------
+    dataset : str
+    mu : float
+    n_images : int
+        Test images measured on.
+    n_all, n_onlyconv : int
+        Features selected from every layer / from the convolutional part.
+    original : float
+        The intact network.
+    all, onlyconv : float
+        The selected features ablated.
+    random_all, random_onlyconv : numpy.ndarray, shape (n_random,)
+        As many random features from the same layers, one value per seeded draw.
+    curve_k : numpy.ndarray of int
+        Numbers of ablated features along the curve (the strongest ``k`` of "All").
+    curve_selected : numpy.ndarray, shape (len(curve_k),)
+    curve_random : numpy.ndarray, shape (len(curve_k), n_random)
+    counts_all, counts_onlyconv : dict
+        Selected features per layer (``"7 conv"`` -> count).
+    seconds : float
+        Time the measurement took when it was computed (also when this result came from the cache).
+    cached : bool
+        Whether this result was read from the disk cache.
+    """
+
+    dataset: str
+    mu: float
+    n_images: int
+    n_all: int
+    n_onlyconv: int
+    original: float
+    all: float
+    onlyconv: float
+    random_all: np.ndarray
+    random_onlyconv: np.ndarray
+    curve_k: np.ndarray
+    curve_selected: np.ndarray
+    curve_random: np.ndarray
+    counts_all: dict = field(default_factory=dict)
+    counts_onlyconv: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def _curve_points(n_features: int, n_points: int) -> np.ndarray:
+    """``n_points`` numbers of features from 0 to ``n_features``, denser at the start (geometric)."""
+    if n_features == 0:
+        return np.array([0])
+    inner = np.unique(np.round(np.geomspace(1, n_features, max(2, n_points - 1))).astype(int))
+    return np.unique(np.concatenate([[0], inner, [n_features]]))
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ablation_study(name: str, *, mu: float = 10.0, n_images: int | str | None = "book", n_random: int = 5,
+                   curve_points: int = 7, seed: int = 0, max_rows: int = 4096, use_cache: bool = True
+                   ) -> AblationResult:
+    """The paper's ablation (Fig. 4) for the book's network of dataset ``name``, cached on disk.
+
+    Measures the mean class accuracy on (a seeded subset of) the test set of: the intact network; the
+    network with the mu-Lasso features of every layer ablated ("All") and of the convolutional part only
+    ("OnlyConv"); and ``n_random`` seeded draws of as many random features from the same layers. Also a curve:
+    the strongest ``k`` features of "All" (by :func:`feature_strength`) ablated, for several ``k``, beside
+    random features from the same layers as those ``k``.
+
+    Parameters
+    ----------
+    name : str
+        A dataset of :data:`vefi.data.DATASETS`.
+    mu : float
+        L1 budget of the selection (the paper: 10).
+    n_images : int, "book" or None
+        Test images to measure on (a seeded random subset); "book" (default): :func:`book_images`; None: all.
+    n_random : int
+        Random draws per random control (seeds ``seed, seed + 1, ...``).
+    curve_points : int
+        About how many numbers of features along the curve.
+    seed : int
+        Seeds the test subset and the random draws.
+    max_rows : int
+        Images x configurations per forward pass.
+    use_cache : bool
+        Read and write the result under ``data/results`` (keyed by the model's weights and every parameter).
+
+    Examples
+    --------
+    >>> result = ablation_study("mnist", n_images=2000)  # doctest: +SKIP
+    >>> result.original, result.all, result.random_all.mean()  # doctest: +SKIP
+    """
+    import time
+
+    from vefi.relevant import model_fingerprint, relevant_features
+
+    if int(n_random) < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    rel_all = relevant_features(name, mu)
+    rel_conv = relevant_features(name, mu, only_conv=True)
+    model = rel_all.model
+    data = load_dataset(name, "test")
+    if n_images == "book":
+        n_images = book_images(name, "ablation")
+    idx = subsample(len(data), n_images, seed)
+    params = {"what": "ablation", "v": _RESULT_VERSION, "dataset": name, "model": model_fingerprint(model),
+              "mu": float(mu), "n_test": len(data), "n_images": len(idx), "n_random": int(n_random),
+              "curve_points": int(curve_points), "seed": int(seed)}
+    path = data_dir() / "results" / f"ablation-{name}-{_key(params)}.npz"
+    counts_all = rel_all.index.count_per_layer(rel_all.selector.get_support())
+    counts_conv = rel_conv.index.count_per_layer(rel_conv.selector.get_support())
+    stored = load_arrays(path) if use_cache else None
+    if stored is not None:
+        return AblationResult(name, float(mu), len(idx), int(stored["n_all"]), int(stored["n_onlyconv"]),
+                              float(stored["original"]), float(stored["all"]), float(stored["onlyconv"]),
+                              stored["random_all"], stored["random_onlyconv"], stored["curve_k"],
+                              stored["curve_selected"], stored["curve_random"], counts_all, counts_conv,
+                              float(stored["seconds"]), True)
+
+    start = time.perf_counter()
+    sel_all, sel_conv = rel_all.features, rel_conv.features
+    strength = feature_strength(rel_all.selector.coef_)
+    support = np.flatnonzero(rel_all.selector.get_support())
+    ordered = [rel_all.index[j] for j in support[np.argsort(-strength[support], kind="stable")]]
+    ks = _curve_points(len(ordered), curve_points)
+    seeds = [int(seed) + r for r in range(int(n_random))]
+    configs = [[], sel_all, sel_conv]
+    configs += [random_like(sel_all, rel_all.index, s) for s in seeds]
+    configs += [random_like(sel_conv, rel_conv.index, s) for s in seeds]
+    for k in ks:
+        configs.append(ordered[:k])
+        configs += [random_like(ordered[:k], rel_all.index, 1000 * (int(k) + 1) + s) for s in seeds]
+    acc = ablation_accuracy(model, data.batch(torch.from_numpy(idx)), data.labels[idx], configs,
+                            n_classes=len(data.classes), max_rows=max_rows, desc=f"ablation {name}")
+    r = len(seeds)
+    random_all, random_conv = acc[3:3 + r], acc[3 + r:3 + 2 * r]
+    curve = acc[3 + 2 * r:].reshape(len(ks), 1 + r)
+    seconds = time.perf_counter() - start
+    arrays = dict(n_all=np.array(len(sel_all)), n_onlyconv=np.array(len(sel_conv)), original=np.array(acc[0]),
+                  all=np.array(acc[1]), onlyconv=np.array(acc[2]), random_all=random_all,
+                  random_onlyconv=random_conv, curve_k=ks, curve_selected=curve[:, 0], curve_random=curve[:, 1:],
+                  seconds=np.array(seconds))
+    if use_cache:
+        save_arrays(path, **arrays)
+    return AblationResult(name, float(mu), len(idx), len(sel_all), len(sel_conv), float(acc[0]), float(acc[1]),
+                          float(acc[2]), random_all, random_conv, ks, curve[:, 0], curve[:, 1:], counts_all,
+                          counts_conv, seconds, False)

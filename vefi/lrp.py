@@ -1,0 +1,312 @@
+"""Layer-wise relevance propagation (LRP): the class score redistributed, layer by layer, down to the pixels.
+
+LRP (Bach et al. 2015; Montavon, Samek & Mueller 2018) starts from the score of the target class,
+:math:`R^{(L)} = f_c(x)` on the target's output unit and zero elsewhere, and moves it one layer down at a time.
+A layer with inputs :math:`x_i`, weights :math:`w_{ij}` and outputs :math:`z_j = \\sum_i x_i w_{ij} + b_j`
+hands the relevance :math:`R_j` of output :math:`j` to its inputs in proportion to their contributions:
+
+* **epsilon**: :math:`R_i = \\sum_j \\frac{x_i w_{ij}}{z_j + \\epsilon\\,\\mathrm{sign}(z_j)} R_j`.
+  With :math:`\\epsilon \\to 0` (LRP-0) this is gradient x input; a larger :math:`\\epsilon` absorbs weak and
+  contradictory contributions, so the map gets sparser and less noisy.
+* **alpha-beta**: :math:`R_i = \\sum_j \\left(\\alpha \\frac{(x_i w_{ij})^+}{z_j^+}
+  - \\beta \\frac{(x_i w_{ij})^-}{z_j^-}\\right) R_j` with :math:`\\alpha - \\beta = 1`; the bias joins the
+  positive or negative part by its sign (Bach et al. 2015). ``alpha1beta0`` keeps only positive
+  contributions, ``alpha2beta1`` also shows negative evidence.
+* **z+** (deep Taylor decomposition, Montavon et al. 2017): :math:`R_i = \\sum_j \\frac{x_i w_{ij}^+}
+  {\\sum_{i'} x_{i'} w_{i'j}^+} R_j`, the bias left out. For non-negative inputs (every layer after a ReLU)
+  it equals ``alpha1beta0`` on a bias-free net; the two differ only through the bias.
+* **z^B** for the first layer, whose inputs lie in a box :math:`[l, h]` (pixels in [0, 1]):
+  :math:`R_i = \\sum_j \\frac{x_i w_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-}
+  {\\sum_{i'} x_{i'} w_{i'j} - l_{i'} w_{i'j}^+ - h_{i'} w_{i'j}^-} R_j`.
+* **composite** (Montavon et al. 2019's recommendation, as zennit's ``EpsilonPlus``/``EpsilonGammaBox``):
+  z^B for the first layer, alpha1-beta0 (or z+) for the other convolutions, epsilon for dense layers.
+
+Other layers: a ReLU, dropout (evaluation mode) and flatten pass relevance on unchanged; a max-pool gives a
+pooled unit's relevance to its winner, the input that was the maximum (zennit does the same: it leaves
+pools to the gradient); an average pool splits it in proportion to the inputs (zennit's ``Norm`` rule, here
+exact); local response normalisation passes relevance through as the identity (zennit has no rule for it:
+configure ``Pass()`` to compare); batch norm gets the epsilon rule as an element-wise linear layer (zennit
+instead merges it into the layer before with a canonizer). Any other layer raises a ``TypeError``.
+
+How: the *gradient trick*. Each weighted layer's output is replaced, in the forward pass, by
+``z.detach() + g(x) - g(x).detach()``: the same value, but the gradient of ``g``, a modified forward pass
+built so that gradient times input is the rule's relevance. One forward and one backward pass give the
+relevance of every pixel of the batch; ``relevance = input * gradient`` (plus the box terms for z^B).
+Forward hooks do the replacing, so in-place ReLUs are no trouble; they are removed in ``finally``.
+
+Conservation: with zero biases and epsilon -> 0 the relevance entering each layer sums to the score;
+:func:`relevance_sums` returns those sums for every layer so you can watch it.
+
+Examples
+--------
+>>> import torch
+>>> from vefi.models import build_model
+>>> from vefi.lrp import lrp
+>>> _ = torch.manual_seed(0)
+>>> net = build_model("mnist")
+>>> lrp(net, torch.rand(2, 1, 28, 28), target=3, rule="composite").shape
+torch.Size([2, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vefi._model_state import preserved
+from vefi.heatmaps import _check_images, _resolve_target
+
+__all__ = ["RULES", "lrp", "relevance_sums"]
+
+RULES = ("epsilon", "zplus", "alpha1beta0", "alpha2beta1", "composite")
+LAYER_RULES = ("epsilon", "zplus", "alpha1beta0", "alpha2beta1", "zbox")
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+_GRADIENT = (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
+             nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_IDENTITY = (nn.LocalResponseNorm,)
+_ELEMENTWISE = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
+    # sign(0) counts as +1, as zennit does, so that a zero denominator becomes eps, never 0
+    return z + eps * (torch.sign(z) + (z == 0).to(z))
+
+
+def _layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, bias)  # honours the padding mode
+    return F.linear(x, weight, bias)
+
+
+@dataclass
+class _Pass:
+    """One LRP pass: the rule of each layer and what the forward pass recorded."""
+    rule: str
+    epsilon: float
+    stabilizer: float
+    low: float | torch.Tensor
+    high: float | torch.Tensor
+    conv_rule: str
+    dense_rule: str
+    first_rule: str
+    image: torch.Tensor | None = None
+    box: tuple | None = None  # (low, high) leaves of the z^B layer
+    seen_first: bool = False
+    inputs: list = field(default_factory=list)  # (name, input tensor) of every weighted layer, forward order
+    record: bool = False
+
+    def layer_rule(self, module: nn.Module) -> str:
+        first = not self.seen_first
+        self.seen_first = True
+        if self.rule != "composite":
+            return self.rule
+        if first:
+            return self.first_rule
+        return self.conv_rule if isinstance(module, nn.Conv2d) else self.dense_rule
+
+
+def _terms(module: nn.Module, x: torch.Tensor, rule: str, state: _Pass):
+    """The modified forward passes ``f_k(x)`` and their denominators: relevance = x * grad(sum_k c_k f_k)."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
+    if rule == "epsilon":
+        f = _layer_forward(module, x, weight, bias)
+        return [(f, 1.0, _stabilise(f.detach(), state.epsilon))]
+    if rule in ("alpha1beta0", "alpha2beta1", "zplus"):
+        alpha, beta = {"alpha1beta0": (1.0, 0.0), "alpha2beta1": (2.0, 1.0), "zplus": (1.0, 0.0)}[rule]
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        has_bias = bias is not None and rule != "zplus"  # deep Taylor's z+ leaves the bias out
+        bp = bias.clamp(min=0) if has_bias else None
+        positive = _layer_forward(module, xp, wp, bp) + _layer_forward(module, xn, wn, None)
+        terms = [(positive, alpha, _stabilise(positive.detach(), state.stabilizer))]
+        if beta:
+            bn = bias.clamp(max=0) if has_bias else None
+            negative = _layer_forward(module, xp, wn, bn) + _layer_forward(module, xn, wp, None)
+            terms.append((negative, -beta, _stabilise(negative.detach(), state.stabilizer)))
+        return terms
+    if rule == "zbox":
+        if state.image is None or x is not state.image:
+            raise ValueError(f"the z^B rule takes the image as input; layer {type(module).__name__} gets the "
+                             "output of another layer (apply z^B to the first layer only)")
+        low = torch.as_tensor(state.low, dtype=x.dtype, device=x.device).expand_as(x).clone().requires_grad_(True)
+        high = torch.as_tensor(state.high, dtype=x.dtype, device=x.device).expand_as(x).clone().requires_grad_(True)
+        state.box = (low, high)
+        # the bias parts cancel (b - b+ - b- = 0), as in zennit's ZBox
+        f = (_layer_forward(module, x, weight, None) - _layer_forward(module, low, weight.clamp(min=0), None)
+             - _layer_forward(module, high, weight.clamp(max=0), None))
+        return [(f, 1.0, _stabilise(f.detach(), state.stabilizer))]
+    raise ValueError(f"unknown LRP layer rule {rule!r}; expected one of {', '.join(LAYER_RULES)}")
+
+
+def _weighted_hook(name: str, state: _Pass):
+    def hook(module, inputs, output):
+        x = inputs[0]
+        rule = state.layer_rule(module)
+        state.inputs.append((name, x, rule))
+        z = output.detach()
+        # a zero denominator (possible only with epsilon = 0) comes with a zero output, whose relevance is 0
+        g = sum(sign * f * torch.where(denominator == 0, torch.zeros_like(z), z / denominator)
+                for f, sign, denominator in _terms(module, x, rule, state))
+        # same value as the layer's output; gradient that of the rule
+        return z + (g - g.detach())
+    return hook
+
+
+def _elementwise_hook(state: _Pass):
+    def hook(module, inputs, output):
+        # batch norm as an element-wise affine layer, epsilon rule: gradient times z / stabilised z
+        z = output.detach()
+        return z + (output - z) * (z / _stabilise(z, state.epsilon))
+    return hook
+
+
+def _identity_hook(module, inputs, output):
+    # relevance passes unchanged: x * grad = y * upstream gradient, whatever the layer did to x
+    x, y = inputs[0], output.detach()
+    ratio = torch.where(x.detach() != 0, y / torch.where(x.detach() != 0, x.detach(), torch.ones_like(y)),
+                        torch.zeros_like(y))
+    return y + (x * ratio - (x * ratio).detach())
+
+
+def _check_rules(rule, conv_rule, dense_rule, first_rule) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown LRP rule {rule!r}; expected one of {', '.join(RULES)}")
+    for label, value in (("conv_rule", conv_rule), ("dense_rule", dense_rule), ("first_rule", first_rule)):
+        if value not in LAYER_RULES:
+            raise ValueError(f"unknown {label} {value!r}; expected one of {', '.join(LAYER_RULES)}")
+    if rule == "composite" and "zbox" in (conv_rule, dense_rule):
+        raise ValueError("z^B is for the first layer only: pass it as first_rule")
+
+
+def _run(model, images, target, rule, epsilon, stabilizer, low, high, conv_rule, dense_rule, first_rule,
+         record):
+    images = _check_images(images, model)
+    _check_rules(rule, conv_rule, dense_rule, first_rule)
+    if epsilon < 0 or stabilizer <= 0:
+        raise ValueError(f"epsilon must be >= 0 and stabilizer > 0, got {epsilon} and {stabilizer}")
+    state = _Pass(rule, float(epsilon), float(stabilizer), low, high, conv_rule, dense_rule, first_rule,
+                  record=record)
+    handles = []
+    with preserved(model):
+        try:
+            for name, module in model.named_modules():
+                if isinstance(module, _WEIGHTED):
+                    handles.append(module.register_forward_hook(_weighted_hook(name, state)))
+                elif isinstance(module, _IDENTITY):
+                    handles.append(module.register_forward_hook(_identity_hook))
+                elif isinstance(module, _ELEMENTWISE):
+                    handles.append(module.register_forward_hook(_elementwise_hook(state)))
+                elif isinstance(module, _GRADIENT) or len(list(module.children())) > 0:
+                    continue
+                else:
+                    raise TypeError(f"LRP has no rule for layer {name!r} ({type(module).__name__}); supported: "
+                                    "Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten, Dropout, BatchNorm, "
+                                    "LocalResponseNorm")
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            x = images.detach().clone().requires_grad_(True)
+            state.image = x
+            with torch.enable_grad():
+                logits = model(x)
+                target = _resolve_target(target, logits)
+                score = logits.gather(1, target[:, None])
+                wanted = [x] + ([inp for _, inp, _ in state.inputs] if record else [])
+                if state.box is not None:
+                    wanted += list(state.box)
+                grads = torch.autograd.grad(score.sum(), wanted, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads)]
+    relevance = x.detach() * grads[0]
+    if state.box is not None:
+        low, high = state.box
+        relevance = relevance + low.detach() * grads[-2] + high.detach() * grads[-1]
+    if not record:
+        return relevance
+    sums = []
+    for (name, inp, layer_rule), g in zip(state.inputs, grads[1:1 + len(state.inputs)]):
+        r = relevance if inp is x else inp.detach() * g
+        sums.append((name, r.reshape(r.shape[0], -1).sum(1)))
+    sums.append(("output", score.detach()[:, 0]))
+    return sums
+
+
+def lrp(model: nn.Module, images: torch.Tensor, target=None, *, rule: str = "epsilon", epsilon: float = 0.25,
+        stabilizer: float = 1e-6, low=0.0, high=1.0, conv_rule: str = "alpha1beta0",
+        dense_rule: str = "epsilon", first_rule: str = "zbox") -> torch.Tensor:
+    """LRP relevance of every input pixel and channel, (n, C, H, W), for the target class score.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Made of Conv2d, Linear, ReLU (in place or not), MaxPool2d, AvgPool2d, Flatten, Dropout, BatchNorm and
+        LocalResponseNorm modules (functional ReLU and reshapes in ``forward`` are fine). Left unchanged.
+    images : Tensor (n, C, H, W) or (C, H, W)
+        Float images (pixels in [``low``, ``high``] for the z^B rule).
+    target : None, int or LongTensor (n,)
+        Class to explain; None = predicted. The seed relevance is that class's logit.
+    rule : {"epsilon", "zplus", "alpha1beta0", "alpha2beta1", "composite"}
+        One rule for every Conv2d and Linear layer, or the composite (``first_rule`` for the first weighted
+        layer, ``conv_rule`` for the other convolutions, ``dense_rule`` for Linear layers).
+    epsilon : float
+        Of the epsilon rule (also used for batch norm).
+    stabilizer : float
+        Added (with the denominator's sign) to the denominators of the other rules, to avoid 0/0.
+    low, high : float or Tensor broadcastable to one image
+        The input box of the z^B rule.
+
+    Returns
+    -------
+    Tensor (n, C, H, W)
+
+    Raises
+    ------
+    TypeError
+        A layer with no LRP rule (e.g. Sigmoid, Softmax).
+    ValueError
+        Unknown rule, NaN/Inf input, z^B on a layer that does not take the image, bad target.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3, bias=False), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(3, 2, bias=False))
+    >>> x = torch.rand(1, 1, 2, 2)
+    >>> r = lrp(net, x, target=0, epsilon=0.0)
+    >>> torch.allclose(r.sum(), net(x)[0, 0], atol=1e-5)
+    True
+    """
+    return _run(model, images, target, rule, epsilon, stabilizer, low, high, conv_rule, dense_rule, first_rule,
+                record=False)
+
+
+def relevance_sums(model: nn.Module, images: torch.Tensor, target=None, **options) -> list[tuple[str, torch.Tensor]]:
+    """Total relevance entering every weighted layer, and the seed at the output: conservation at a glance.
+
+    Takes the options of :func:`lrp`. Returns a list of ``(layer name, sums (n,))`` in forward order, the
+    first entry being the input layer (its sums equal ``lrp(...).sum((1, 2, 3))``) and the last
+    ``("output", target logit)``. With zero biases and ``epsilon=0`` every entry equals the last.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from vefi.models import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> net = build_model("mnist")
+    >>> [name for name, _ in relevance_sums(net, torch.rand(1, 1, 28, 28))]
+    ['conv1', 'conv2', 'conv3', 'fc1', 'fc2', 'fc3', 'output']
+    """
+    defaults = dict(rule="epsilon", epsilon=0.25, stabilizer=1e-6, low=0.0, high=1.0, conv_rule="alpha1beta0",
+                    dense_rule="epsilon", first_rule="zbox")
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; expected some of {sorted(defaults)}")
+    defaults.update(options)
+    return _run(model, images, target, record=True, **defaults)
