@@ -143,7 +143,7 @@ def test_baselines(setup, explained):
     # the random net's features may all be fc: check conv maps on chosen features too
     from vefi.layers import layer_table
     chosen = [[(4, 3), (7, 10), (1, 0)], [(6, 63), (2, 5), (10, 1)]]
-    maps = explain_module._upsampled_maps(net, images[:2], chosen, layer_table(net))
+    maps = explain_module.upsampled_maps(net, images[:2], chosen, layer_table(net))
     for i, row in enumerate(chosen):
         for j, (number, channel) in enumerate(row):
             expected = upsampled(net, images[i], number, channel) if number < 8 else torch.zeros(28, 28)

@@ -64,7 +64,7 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
 __all__ = ["RULES", "POOL_FIXES", "SOURCES", "backproject", "conv_backproject",
            "maxpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
@@ -432,24 +432,6 @@ def _layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
     return layers
 
 
-def _check_images(images, layers_shape) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}")
-    if layers_shape is not None and tuple(images.shape[1:]) != tuple(layers_shape):
-        raise ValueError(f"images must have shape (N, {', '.join(map(str, layers_shape))}) for this model, "
-                         f"got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty (no image in the batch)")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point (pixels in [0, 1]), got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf values")
-    return images
-
 
 def _resolve_feature(layers: list[Layer], item) -> _Resolved:
     if not _is_feature(item):
@@ -552,7 +534,7 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    images = _check_images(images, getattr(model, "input_shape", None))
+    images = check_images(images, getattr(model, "input_shape", None))
     n = images.shape[0]
     layers = _layers(model, tuple(images.shape[1:]))
 
@@ -688,7 +670,7 @@ def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: i
     """
     from vefi.descriptors import descriptors  # descriptors computes exactly these norms
 
-    images = _check_images(images, getattr(model, "input_shape", None))
+    images = check_images(images, getattr(model, "input_shape", None))
     if isinstance(layers, (int, str, Layer)):
         layers = [layers]
     table = _layers(model, tuple(images.shape[1:]))

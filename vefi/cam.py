@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vefi._model_state import preserved
-from vefi.heatmaps import _check_images, _resolve_target
+from vefi.heatmaps import _resolve_target
+from vefi.layers import check_images
 from vefi.layers import Layer, layer_table, resolve_layer
 
 __all__ = ["default_layer", "grad_cam", "cam", "upsampled_activations"]
@@ -115,7 +116,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     >>> grad_cam(build_model("mnist"), torch.rand(1, 1, 28, 28), layer="conv2", upsample=False).shape
     torch.Size([1, 7, 7])
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     with preserved(model):
         chosen = _layer(model, images, layer)
         logits, a = _activations(model, images, chosen.module, with_grad=True)
@@ -157,7 +158,7 @@ def cam(model: nn.Module, images: torch.Tensor, target=None, *, upsample: bool =
     >>> cam(net, torch.rand(2, 3, 16, 16)).shape
     torch.Size([2, 16, 16])
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     pool, linear = _cam_head(model)
     store = {}
 
@@ -189,7 +190,7 @@ def upsampled_activations(model: nn.Module, images: torch.Tensor, layer, channel
     >>> upsampled_activations(build_model("mnist"), torch.rand(2, 1, 28, 28), "relu2", channel=5).shape
     torch.Size([2, 28, 28])
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     with preserved(model):
         chosen = _layer(model, images, layer)
         _, a = _activations(model, images, chosen.module, with_grad=False)

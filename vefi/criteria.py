@@ -52,6 +52,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi.layers import check_images
 
 __all__ = ["BASELINES", "SCORES", "PerturbationCurve", "perturbation_curve", "random_heatmaps",
            "Selectivity", "translation_path", "continuity", "Continuity", "gaussian_blur"]
@@ -64,19 +65,6 @@ Explainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------------------
 # Checks shared by the metrics.
-
-def _check_images(images) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (n, C, H, W), got {type(images).__name__}")
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (n, C, H, W) or (C, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf")
-    return images
 
 
 def _check_heatmaps(heatmaps, n: int, size: tuple[int, int]) -> torch.Tensor:
@@ -289,7 +277,7 @@ def perturbation_curve(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
     >>> perturbation_curve(net, x, x[:, 0], 0, patch=1).scores.tolist()
     [[10.0, 6.0, 3.0, 1.0, 0.0]]
     """
-    images = _check_images(images)
+    images = check_images(images)
     n, _, h, w = images.shape
     heatmaps = _check_heatmaps(heatmaps, n, (h, w))
     patch = _positive_int(patch, "patch")
@@ -390,7 +378,7 @@ class Selectivity:
     def curve(self, model: nn.Module, images: torch.Tensor, heatmaps, target=None) -> PerturbationCurve:
         """The perturbation curve; ``heatmaps`` a tensor (n, H, W) or an explainer
         ``explain(model, images, target)``."""
-        images = _check_images(images)
+        images = check_images(images)
         if callable(heatmaps) and not isinstance(heatmaps, torch.Tensor):
             target = _targets(model, images, target)
             heatmaps = heatmaps(model, images, target)
@@ -399,7 +387,7 @@ class Selectivity:
     def random_curve(self, model: nn.Module, images: torch.Tensor, target=None, *, seed: int = 0
                      ) -> PerturbationCurve:
         """The curve when patches are removed in a seeded random order (the floor to beat)."""
-        images = _check_images(images)
+        images = check_images(images)
         return self.curve(model, images, random_heatmaps(images.shape[0], images.shape[-2:], seed), target)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, heatmaps, target=None) -> torch.Tensor:
@@ -426,7 +414,7 @@ def translation_path(images: torch.Tensor, shifts=(0, 1, 2, 3), *, axis: str = "
     >>> translation_path(x, (0, 1))[0, :, 0, 0].tolist()
     [[0.0, 1.0, 2.0], [0.0, 0.0, 1.0]]
     """
-    images = _check_images(images)
+    images = check_images(images)
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
     shifts = [int(s) for s in shifts]
@@ -550,7 +538,7 @@ class Continuity:
     def heatmaps(self, model: nn.Module, images: torch.Tensor, explain: Explainer, target=None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The path (n, T, C, H, W) and its heatmaps (n, T, H, W), explained in one call."""
-        images = _check_images(images)
+        images = check_images(images)
         target = _targets(model, images, target)
         path = self.path(images)
         n, t = path.shape[:2]

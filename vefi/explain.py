@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vefi._model_state import preserved
-from vefi.backproject import _check_images, backproject, heatmap
+from vefi.backproject import backproject, heatmap
 from vefi.descriptors import Feature, descriptors
-from vefi.layers import layer_table
+from vefi.layers import check_images, layer_table
 from vefi.plotting import LAYER_COLOURS, to_display
 
 __all__ = ["MAPS", "Explanation", "explain", "contributions", "check_compatible", "feature_colour",
-           "background_share", "background_ratio", "explanation_figure"]
+           "background_share", "background_ratio", "explanation_figure", "upsampled_maps"]
 
 MAPS = ("backproject", "upsampled")
 
@@ -295,7 +295,7 @@ def contributions(X: np.ndarray, coef: np.ndarray, target, support: np.ndarray |
     return scores
 
 
-def _upsampled_maps(model: nn.Module, images: torch.Tensor, features: list[list[tuple]], table) -> torch.Tensor:
+def upsampled_maps(model: nn.Module, images: torch.Tensor, features: list[list[tuple]], table) -> torch.Tensor:
     """The features' own activation maps, upsampled bilinearly to the image and min-max normalised;
     a fully connected unit has no map and gets zero."""
     n, k = len(features), len(features[0])
@@ -383,7 +383,7 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
     table = check_compatible(model, relevant)
-    images = _check_images(images, getattr(model, "input_shape", None) or table[0].input_shape)
+    images = check_images(images, getattr(model, "input_shape", None) or table[0].input_shape)
     if images.dtype != torch.float32 and images.dtype != torch.float64:
         images = images.float()
     param = next(model.parameters(), None)
@@ -421,7 +421,7 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
             raw = backproject(model, images, padded, rule="guided", stride_fix=stride_fix, source="map")
             normalised = heatmap(raw).float().cpu()
         else:
-            normalised = _upsampled_maps(model, images, padded, table)
+            normalised = upsampled_maps(model, images, padded, table)
         for i, row in enumerate(pairs):
             out[i, : len(row)] = normalised[i, : len(row)]
     combined = out.amax(1)

@@ -48,6 +48,8 @@ import numbers
 import torch
 from torch import nn
 
+from vefi.layers import check_images
+
 __all__ = ["METHODS", "compute", "normalise"]
 
 METHODS = ("ours", "deconv-gb", "upsampled-activations", "gradient", "gradient-x-input", "lrp-epsilon",
@@ -60,28 +62,6 @@ _EXPLAIN = {"ours": {"stride_fix": True, "maps": "backproject"},
             "deconv-gb": {"stride_fix": False, "maps": "backproject"},
             "upsampled-activations": {"stride_fix": True, "maps": "upsampled"}}
 
-
-def _check_images(images, model: nn.Module | None = None) -> torch.Tensor:
-    """The images as a float (n, C, H, W) tensor; one (C, H, W) image becomes a batch of one.
-
-    Shared by every method module so that they all refuse the same things with the same words.
-    """
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (n, C, H, W), got {type(images).__name__}")
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (n, C, H, W) or (C, H, W), got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf values")
-    expected = getattr(model, "input_shape", None)
-    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
-        raise ValueError(f"the model takes images of shape {tuple(expected)}, got {tuple(images.shape[1:])}")
-    return images
 
 
 def _resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
@@ -178,7 +158,7 @@ def compute(method: str, model: nn.Module, images: torch.Tensor, target=None, **
         raise ValueError(f"unknown heatmap method {method!r}; expected one of {', '.join(METHODS)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    images = _check_images(images, model)
+    images = check_images(images, model)
     if method in _EXPLAIN:
         if "relevant" not in options:
             raise ValueError(f"method {method!r} needs relevant= a vefi.relevant.RelevantFeatures")

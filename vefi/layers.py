@@ -150,3 +150,38 @@ def resolve_layer(layers: list[Layer], key: int | str | Layer) -> Layer:
             return layer
     known = ", ".join(f"{layer.number}={layer.name!r} ({layer.kind})" for layer in layers)
     raise ValueError(f"unknown layer {key!r}; this model has layers {known}")
+
+
+def check_images(images, expected=None) -> torch.Tensor:
+    """A batch of images as every tool of vefi takes it: a float tensor (n, C, H, W) of finite values.
+
+    One image (C, H, W) becomes a batch of one. ``expected`` is the shape of one image, ``(C, H, W)``, or a
+    model with an ``input_shape`` attribute (then its shape is checked), or None.
+
+    Examples
+    --------
+    >>> check_images(torch.zeros(1, 28, 28), (1, 28, 28)).shape
+    torch.Size([1, 1, 28, 28])
+    >>> check_images(torch.zeros(2, 3, 28, 28), (1, 28, 28))
+    Traceback (most recent call last):
+    ...
+    ValueError: images must have shape (N, 1, 28, 28) for this model, got (2, 3, 28, 28)
+    """
+    if isinstance(expected, nn.Module):
+        expected = getattr(expected, "input_shape", None)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}")
+    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}) for this model, "
+                         f"got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (no image in the batch)")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point (pixels in [0, 1]), got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf values")
+    return images

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vefi._model_state import preserved
-from vefi.heatmaps import _check_images, _resolve_target
+from vefi.heatmaps import _resolve_target
+from vefi.layers import check_images
 
 __all__ = ["RULES", "lrp", "relevance_sums"]
 
@@ -185,7 +186,7 @@ def _check_rules(rule, conv_rule, dense_rule, first_rule) -> None:
 
 def _run(model, images, target, rule, epsilon, stabilizer, low, high, conv_rule, dense_rule, first_rule,
          record):
-    images = _check_images(images, model)
+    images = check_images(images, model)
     _check_rules(rule, conv_rule, dense_rule, first_rule)
     if epsilon < 0 or stabilizer <= 0:
         raise ValueError(f"epsilon must be >= 0 and stabilizer > 0, got {epsilon} and {stabilizer}")

@@ -36,7 +36,8 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.heatmaps import _check_images, _resolve_target
+from vefi.heatmaps import _resolve_target
+from vefi.layers import check_images
 
 __all__ = ["occlusion", "window_positions"]
 
@@ -103,7 +104,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, target=None, *, window=8, 
     >>> torch.allclose(h.flatten(), net[1].weight[0] * x.flatten())  # linear model: drop = w * x
     True
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     (wh, ww), (sh, sw) = _pair(window, "window"), _pair(stride, "stride")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")

@@ -28,6 +28,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi.layers import check_images
 
 __all__ = ["GAMES", "PerturbationResult", "blur", "perturbation_masks", "meaningful_perturbation"]
 
@@ -88,25 +89,6 @@ class PerturbationResult:
     perturbed: torch.Tensor
     trace: torch.Tensor
 
-
-def _check_images(images, model) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}")
-    shape = getattr(model, "input_shape", None)
-    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"images must have shape (N, {', '.join(map(str, shape))}) for this model, "
-                         f"got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty (no image in the batch)")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point (pixels in [0, 1]), got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf values")
-    return images
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
@@ -203,7 +185,7 @@ def perturbation_masks(model: nn.Module, images: torch.Tensor, target=None, *, g
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(jitter, numbers.Integral) or jitter < 0:
         raise ValueError(f"jitter must be an int >= 0, got {jitter!r}")
-    images = _check_images(images, model)
+    images = check_images(images, model)
     n, _, height, width = images.shape
     if mask_size is None:
         mask_size = max(2, min(height, width) // 4)

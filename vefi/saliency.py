@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from vefi._model_state import preserved
-from vefi.heatmaps import _check_images, _resolve_target
+from vefi.heatmaps import _resolve_target
+from vefi.layers import check_images
 
 __all__ = ["gradient", "sensitivity", "gradient_x_input"]
 
@@ -61,7 +62,7 @@ def gradient(model: nn.Module, images: torch.Tensor, target=None) -> torch.Tenso
     >>> torch.allclose(g.flatten(), net[1].weight[1])
     True
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     with preserved(model):
         model.eval()
         for p in model.parameters():
@@ -101,6 +102,6 @@ def gradient_x_input(model: nn.Module, images: torch.Tensor, target=None, *,
     >>> torch.allclose(gradient_x_input(net, x, target=1).sum(), net(x)[0, 1])
     True
     """
-    images = _check_images(images, model)
+    images = check_images(images, model)
     out = gradient(model, images, target) * images
     return out.sum(1) if sum_channels else out
