@@ -11,14 +11,13 @@ Run: ``.venv/bin/python benchmarks/bench_backproject.py``
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
 from vefi.backproject import backproject
+from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
 from vefi.models import build_model
 
 FEATURES = [("conv1", 3), ("conv2", 5), ("relu2", 6), ("pool2", 9), ("conv3", 7), ("relu3", 1),
@@ -26,15 +25,9 @@ FEATURES = [("conv1", 3), ("conv2", 5), ("relu2", 6), ("pool2", 9), ("conv3", 7)
 REPEATS = 9
 
 
+
 def median_time(fn, repeats: int = REPEATS, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_time(fn, repeats, warmup)
 
 
 def main() -> None:

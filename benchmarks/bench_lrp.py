@@ -12,29 +12,22 @@ Run: ``.venv/bin/python benchmarks/bench_lrp.py``
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vefi.lrp import lrp
+from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
 from vefi.models import build_model
 
 REPEATS = 7
 BATCH = 16
 
 
+
 def median_time(fn, repeats: int = REPEATS, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_time(fn, repeats, warmup)
 
 
 def main() -> None:

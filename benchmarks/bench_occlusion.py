@@ -11,12 +11,11 @@ Run: ``.venv/bin/python benchmarks/bench_occlusion.py``
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import torch
 
+from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
 from vefi.models import build_model
 from vefi.occlusion import occlusion
 
@@ -26,15 +25,9 @@ CASES = [(16, 8), (32, 16)]  # (window, stride)
 PER_PASS = 64
 
 
+
 def median_time(fn, repeats: int = REPEATS, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_time(fn, repeats, warmup)
 
 
 def main() -> None:
