@@ -27,8 +27,6 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -38,8 +36,6 @@ from torch import nn
 
 from vefi._cache import load_arrays, save_arrays
 from vefi._model_state import preserved
-from vefi.config import data_dir
-from vefi.data import load_dataset
 
 __all__ = ["PAPER_DROP_DIFFERENCE", "BASELINES", "OcclusionResult", "box_masks", "box_occlusion_study",
            "confidence_drop", "default_box", "occlude", "sample_centres"]
@@ -329,43 +325,26 @@ def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, n_images: i
     --------
     >>> box_occlusion_study("mnist", "ours").mean_drop  # doctest: +SKIP
     """
-    from vefi.ablation import book_images, subsample
-    from vefi.localisation import _NEEDS_RELEVANT, book_options, method_heatmaps
-    from vefi.relevant import model_fingerprint, relevant_features
-    from vefi.train import pretrained
+    from vefi.localisation import _study
 
     if int(n_draws) < 1:
         raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-    options = {**book_options(method, name), **options}
-    model = pretrained(name)
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "heatmaps")
-    idx = subsample(len(data), n_images, seed)
-    uses_mu = method in _NEEDS_RELEVANT
-    if method == "random":
-        options.setdefault("seed", seed)
-    params = {"what": "boxocclusion", "v": _RESULT_VERSION, "dataset": name, "method": method,
-              "model": model_fingerprint(model), "mu": float(mu) if uses_mu else None, "n_test": len(data),
-              "n_images": len(idx), "n_draws": int(n_draws), "coverage": float(coverage), "box": box,
-              "baseline": repr(baseline), "seed": int(seed),
-              "options": {k: repr(v) for k, v in sorted(options.items())}}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = data_dir() / "results" / f"boxocc-{name}-{method}-{key}.npz"
-    stored = load_arrays(path) if use_cache else None
+    study = _study("boxocclusion", "boxocc", name, method, mu, n_images, seed, options, n_draws=int(n_draws),
+                   coverage=float(coverage), box=box, baseline=repr(baseline))
+    idx = study.idx
+    stored = load_arrays(study.path) if use_cache else None
     if stored is not None:
         return OcclusionResult(name, method, stored["confidence"], stored["drop"], stored["coverage"], len(idx),
                                float(stored["seconds"]), True)
     start = time.perf_counter()
-    images = data.batch(torch.from_numpy(idx))
-    if uses_mu:
-        options["relevant"] = relevant_features(name, mu)
-    h = method_heatmaps(method, model, images, None, batch_size=batch_size, desc=f"{method} {name}", **options)
+    images = study.data.batch(torch.from_numpy(idx))
+    model = study.model
+    h = study.heatmaps(name, method, mu, images, None, batch_size)
     masks = torch.cat([box_masks(h, coverage=coverage, box=box, seed=seed * 7919 + r) for r in range(n_draws)])
     occluded = occlude(images.repeat(n_draws, 1, 1, 1), masks, baseline)
     confidence, drop = confidence_drop(model, images, occluded)
     cover = masks.float().mean((1, 2)).view(n_draws, -1).numpy()
     seconds = time.perf_counter() - start
     if use_cache:
-        save_arrays(path, confidence=confidence, drop=drop, coverage=cover, seconds=np.array(seconds))
+        save_arrays(study.path, confidence=confidence, drop=drop, coverage=cover, seconds=np.array(seconds))
     return OcclusionResult(name, method, confidence, drop, cover, len(idx), seconds, False)

@@ -240,6 +240,52 @@ class LocalisationResult:
 _NEEDS_RELEVANT = ("ours", "deconv-gb", "upsampled-activations")
 
 
+
+@dataclass
+class _Study:
+    """What every cached heatmap study of the book starts from: the trained model, the seeded test subset,
+    the method's options, and the cache file its parameters name."""
+
+    model: torch.nn.Module
+    data: object
+    idx: np.ndarray
+    options: dict
+    uses_mu: bool
+    path: object
+
+    def heatmaps(self, name: str, method: str, mu: float, images, target, batch_size: int):
+        from vefi.relevant import relevant_features
+
+        options = dict(self.options)
+        if self.uses_mu:
+            options["relevant"] = relevant_features(name, mu)
+        return method_heatmaps(method, self.model, images, target, batch_size=batch_size,
+                               desc=f"{method} {name}", **options)
+
+
+def _study(what: str, prefix: str, name: str, method: str, mu: float, n_images, seed: int, options: dict,
+           **params) -> _Study:
+    """Set up a study: model, subset, options, and a cache path keyed by the weights and every parameter."""
+    from vefi.ablation import book_images, subsample
+    from vefi.relevant import model_fingerprint
+    from vefi.train import pretrained
+
+    options = {**book_options(method, name), **options}
+    model = pretrained(name)
+    data = load_dataset(name, "test")
+    if n_images == "book":
+        n_images = book_images(name, "heatmaps")
+    idx = subsample(len(data), n_images, seed)
+    uses_mu = method in _NEEDS_RELEVANT
+    if method == "random":
+        options.setdefault("seed", seed)
+    params = {"what": what, "v": _RESULT_VERSION, "dataset": name, "method": method,
+              "model": model_fingerprint(model), "mu": float(mu) if uses_mu else None, "n_test": len(data),
+              "n_images": len(idx), "seed": int(seed),
+              "options": {k: repr(v) for k, v in sorted(options.items())}, **params}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    return _Study(model, data, idx, options, uses_mu, data_dir() / "results" / f"{prefix}-{name}-{method}-{key}.npz")
+
 def localisation_study(name: str, method: str, *, mu: float = 10.0, n_images: int | str | None = "book", seed: int = 0,
                        target: str = "label", thresholds: Sequence[float] = THRESHOLDS, batch_size: int = 50,
                        use_cache: bool = True, **options) -> LocalisationResult:
@@ -272,10 +318,7 @@ def localisation_study(name: str, method: str, *, mu: float = 10.0, n_images: in
     >>> res = localisation_study("an8flower-single", "ours")  # doctest: +SKIP
     >>> res.mean_iou, res.auc  # doctest: +SKIP
     """
-    from vefi.ablation import book_images, subsample
     from vefi.heatmaps import METHODS
-    from vefi.relevant import model_fingerprint, relevant_features
-    from vefi.train import pretrained
 
     if not name.startswith("an8flower"):
         raise ValueError(f"localisation needs ground-truth masks: an8flower-single or an8flower-double, got "
@@ -285,36 +328,21 @@ def localisation_study(name: str, method: str, *, mu: float = 10.0, n_images: in
     if target not in ("label", "predicted"):
         raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
     thresholds = np.asarray(thresholds, dtype=float)
-    options = {**book_options(method, name), **options}
-    model = pretrained(name)
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "heatmaps")
-    idx = subsample(len(data), n_images, seed)
-    uses_mu = method in _NEEDS_RELEVANT
-    if method == "random":
-        options.setdefault("seed", seed)
-    params = {"what": "localisation", "v": _RESULT_VERSION, "dataset": name, "method": method,
-              "model": model_fingerprint(model), "mu": float(mu) if uses_mu else None, "n_test": len(data),
-              "n_images": len(idx), "seed": int(seed), "target": target,
-              "thresholds": [round(float(t), 10) for t in thresholds],
-              "options": {k: repr(v) for k, v in sorted(options.items())}}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = data_dir() / "results" / f"iou-{name}-{method}-{key}.npz"
-    stored = load_arrays(path) if use_cache else None
+    study = _study("localisation", "iou", name, method, mu, n_images, seed, options, target=target,
+                   thresholds=[round(float(t), 10) for t in thresholds])
+    idx, uses_mu = study.idx, study.uses_mu
+    stored = load_arrays(study.path) if use_cache else None
     if stored is not None:
         return LocalisationResult(name, method, float(mu) if uses_mu else None, thresholds, stored["iou"],
                                   len(idx), float(stored["seconds"]), True)
     start = time.perf_counter()
-    images = data.batch(torch.from_numpy(idx))
-    masks = data.masks[torch.from_numpy(idx)]
-    labels = data.labels[torch.from_numpy(idx)] if target == "label" else None
-    if uses_mu:
-        options["relevant"] = relevant_features(name, mu)
-    h = method_heatmaps(method, model, images, labels, batch_size=batch_size, desc=f"{method} {name}", **options)
+    rows = torch.from_numpy(idx)
+    images, masks = study.data.batch(rows), study.data.masks[rows]
+    labels = study.data.labels[rows] if target == "label" else None
+    h = study.heatmaps(name, method, mu, images, labels, batch_size)
     iou = iou_curve(h, masks, thresholds)
     seconds = time.perf_counter() - start
     if use_cache:
-        save_arrays(path, iou=iou, seconds=np.array(seconds))
+        save_arrays(study.path, iou=iou, seconds=np.array(seconds))
     return LocalisationResult(name, method, float(mu) if uses_mu else None, thresholds, iou, len(idx), seconds,
                               False)
