@@ -1,9 +1,11 @@
 # The two commands of the README do all set-up on a fresh machine and are cheap when nothing changed:
 #   make book   venv, install, data, then build the whole book, every chapter executed in full mode
 #   make test   venv, install, data, then unit tests and every notebook under nbval in quick mode
-#               and a browser test of the site built in quick mode (headless Chromium)
+#               and a browser test of the site built in quick mode (headless Chromium) from nbval's
+#               execution of the notebooks (each notebook runs once)
 # Also: make bench (speed against the peer libraries), make notebooks (re-store notebooks for nbval),
-#       make quickbook (the book in quick mode, in _build/quick; what the browser test visits).
+#       make quickbook (the book in quick mode, in _build/quick; what the browser test visits),
+#       make check-book (the browser test on the full book in _build/html, after make book).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,8 +18,13 @@ VENDOR := book/_static/vendor
 # The quick-mode book has its own output folder and execution cache: quick and full outputs never mix.
 QUICK_OUT := _build/quick
 QUICK_HTML := $(QUICK_OUT)/_build/html
+QUICK_CACHE := $(QUICK_OUT)/_build/.jupyter_cache
+# extra jupyter-book flags of the quick book: `make test` passes --all (read every page again, since nbval
+# has just replaced the cached outputs, which Sphinx does not track)
+QUICKBOOK_FLAGS ?=
+NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: book quickbook test bench data setup system vendor notebooks clean
+.PHONY: book quickbook check-book test bench data setup system vendor notebooks clean
 
 # jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run every
 # chapter, so forget both the execution cache and Sphinx's environment of the build folder $(1)
@@ -36,17 +43,25 @@ book: data vendor
 quickbook: data vendor
 	$(call forget_if_vefi_changed,$(QUICK_OUT)/_build)
 	VEFI_QUICK=1 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) --path-output $(QUICK_OUT) \
-	  -W -n --keep-going
+	  -W -n --keep-going $(QUICKBOOK_FLAGS)
 	@echo "The quick-mode book is in $(QUICK_HTML)/index.html"
 
+# The browser test on the full book that `make book` built (it is not run by `make test`: too slow to build)
+check-book: setup
+	@test -f _build/html/index.html || { echo "no full book in _build/html: run 'make book' first"; exit 1; }
+	VEFI_SITE=_build/html $(PY) -m pytest -q -rs -p no:cacheprovider tests/browser
+
+# nbval runs every notebook once: tests/nbval_capture.py stores each notebook that passed, executed, in the
+# quick book's execution cache, and the quick book then takes its outputs from there instead of running it
 test: data
 	$(PY) -m pytest -q --doctest-modules tests vefi --ignore=tests/browser
-	VEFI_QUICK=1 VEFI_PROGRESS=off $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
-	  --nbval-sanitize-with notebooks/sanitize.cfg notebooks/
+	$(call forget_if_vefi_changed,$(QUICK_OUT)/_build)
+	VEFI_QUICK=1 VEFI_PROGRESS=off $(PY) -m pytest -q $(NBVAL) -p tests.nbval_capture \
+	  --nbval-store $(QUICK_CACHE) notebooks/
 	@# the browser test: build the quick book only when Chromium can visit it (the test skips, saying why,
 	@# when Chromium is missing and we are not root to install it)
 	@if [ "$$(id -u)" = 0 ] || { command -v chromium && command -v chromedriver && command -v npm; } >/dev/null; \
-	then $(MAKE) --no-print-directory quickbook; fi
+	then $(MAKE) --no-print-directory quickbook QUICKBOOK_FLAGS=--all; fi
 	VEFI_SITE=$(QUICK_HTML) $(PY) -m pytest -q -rs -p no:cacheprovider --doctest-modules book/_ext tests/browser
 
 bench: data

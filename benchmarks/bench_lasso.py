@@ -13,6 +13,12 @@ dependent), C=10 classes, mu=10, at m=1000/N=20000 and m=4000/N=50000. One line 
   default it is timed on a few classes and its time scaled to 10 classes (the line says so); ``--full``
   times all 10.
 
+* The five families of ``benchmarks/lasso_problems.py`` (Gaussian, skewed positive, descriptor-like, low rank,
+  scaled columns; 12 problems each, over- and under-determined, mu from 0.01 to 1000): vefi vs SPAMS from the
+  same Gram pair, one line per family with the convergence counts (ours: certified to the duality gap;
+  SPAMS's: a finite answer inside the L1 ball, its NaN and outside-ball answers counted) and the median and
+  largest time ratio (each problem: best of 3 runs each, SPAMS on one thread like vefi).
+
 Times are the best of 5 runs (the Gram pair and spgl1: one run); the Gram-pair lines also give the CPU time
 of that run over all threads (vefi runs one BLAS thread, SPAMS one thread per core). Objectives are ``||X^T w_j - l_j||^2``; the line gives the
 largest relative difference to the peer over the classes compared.
@@ -23,13 +29,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lasso_problems import FAMILIES, family_problem
 from vefi.descriptors import descriptors, synthetic_descriptors
-from vefi.lasso import GramAccumulator, mu_lasso_objective, solve_mu_lasso
+from vefi.lasso import ConvergenceWarning, GramAccumulator, mu_lasso_objective, solve_mu_lasso
 from vefi.models import build_model
 
 MU = 10.0
@@ -78,8 +86,8 @@ def bench_size(m: int, n: int, spgl1_classes: int) -> None:
     print(f"{name}, Gram pair given to both: vefi {t_solve:.3f} s | SPAMS {t_spams:.3f} s "
           f"({t_spams / t_solve:.1f}x) | CPU time (all threads): vefi {c_solve:.3f} s, SPAMS {c_spams:.3f} s "
           f"({c_spams / c_solve:.1f}x) | objectives: max rel diff {diff:.1e}, sum vefi {res.objective.sum():.6f} "
-          f"SPAMS {obj_spams.sum():.6f} | vefi: {res.n_iter} iterations, {res.n_rounds} working-set rounds, "
-          f"max rel gap {res.relative_gap.max():.1e}", flush=True)
+          f"SPAMS {obj_spams.sum():.6f} | vefi: {res.n_iter} iterations, {res.n_working} rows of Q read, "
+          f"converged {res.converged}, max rel gap {res.relative_gap.max():.1e}", flush=True)
 
     classes = range(min(spgl1_classes, C))
     t0 = time.perf_counter()
@@ -96,6 +104,41 @@ def bench_size(m: int, n: int, spgl1_classes: int) -> None:
           f"spgl1 {t_spgl1:.2f} s ({scope}) ({t_spgl1 / t_from_x:.1f}x) | vefi from the Gram pair "
           f"{t_solve:.3f} s ({t_spgl1 / t_solve:.0f}x) | objectives on the {len(classes)} classes: max rel diff "
           f"{diff:.1e} (spgl1 stops at its default opt_tol=1e-4)", flush=True)
+
+
+def bench_families(per_family: int = 12) -> None:
+    import spams
+
+    ratios_all = []
+    for family in FAMILIES:
+        ours = spams_ok = spams_nan = spams_out = 0
+        ratios, worse = [], 0
+        for seed in range(per_family):
+            p = family_problem(family, seed)
+            g = p.gram
+            Qf, qf, Lf = np.asfortranarray(g.Q), np.asfortranarray(g.q), np.asfortranarray(p.L)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # counted below
+                t_ours, res = best_of(lambda: solve_mu_lasso(g, p.mu), repeats=3)
+            t_spams, W = best_of(lambda: spams.lasso(Lf, Q=Qf, q=qf, lambda1=p.mu, mode=0, numThreads=1).toarray(),
+                                 repeats=3)
+            ours += res.converged
+            if not np.all(np.isfinite(W)):
+                spams_nan += 1
+            elif np.any(np.abs(W).sum(0) > p.mu * (1 + 1e-9)):
+                spams_out += 1
+            else:
+                spams_ok += 1
+                ref = mu_lasso_objective(W, g.Q, g.q, g.lsq)
+                worse += bool(np.any(res.objective > ref + 1e-8 * np.maximum(ref, 1e-2 * g.lsq.sum())))
+            ratios.append(t_ours / t_spams)
+        ratios_all += ratios
+        print(f"mu-lasso family {family} ({per_family} problems, N 5-300, m 5-300, C 1-5, mu 0.01-1000), Gram pair "
+              f"given to both: vefi converged {ours}/{per_family} | SPAMS valid {spams_ok}/{per_family} "
+              f"(NaN {spams_nan}, outside the ball {spams_out}) | vefi worse than a valid SPAMS answer: {worse} | "
+              f"time vefi/SPAMS median {np.median(ratios):.1f}x, max {np.max(ratios):.1f}x", flush=True)
+    print(f"mu-lasso families, all {len(ratios_all)} problems: time vefi/SPAMS median {np.median(ratios_all):.1f}x, "
+          f"max {np.max(ratios_all):.1f}x", flush=True)
 
 
 def bench_descriptors(n_images: int = 512, batch_size: int = 64) -> None:
@@ -124,6 +167,7 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch threads "
           f"{torch.get_num_threads()}", flush=True)
     bench_descriptors()
+    bench_families()
     bench_size(1000, 20000, C if args.full else 2)
     bench_size(4000, 50000, C if args.full else 1)
 

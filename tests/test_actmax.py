@@ -123,7 +123,8 @@ def test_top_patches_match_a_direct_loop():
         with torch.no_grad():
             out = nn.Sequential(*list(net.eval())[: layer.number])(data.batch([i]))[0, 3]
         assert torch.isclose(response[i], out.max())
-        assert out[tuple(position[i])] == out.max()
+        # the position is a maximum of the map up to rounding (batching changes the last digits)
+        torch.testing.assert_close(out[tuple(position[i])], out.max())
     found = top_patches(net, data, "conv2", 3, k=5, batch_size=7, show_progress=False)
     assert found.index.tolist() == response.topk(5).indices.tolist()
     for i, box, crop, pos in zip(found.index.tolist(), found.boxes, found.patches, found.position.tolist()):

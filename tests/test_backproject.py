@@ -17,10 +17,8 @@ from vefi.backproject import (_LocalResponseNorm, _resample, _subpixel_transpose
                               strongest_channels)
 from vefi.models import build_model
 
-captum_attr = pytest.importorskip("captum.attr")
-
-PEERS = {"guided": captum_attr.NeuronGuidedBackprop, "deconvnet": captum_attr.NeuronDeconvolution,
-         "backprop": captum_attr.NeuronGradient}
+# captum's class for each rule (with the stride fix off, the rules are the peer's)
+PEERS = {"guided": "NeuronGuidedBackprop", "deconvnet": "NeuronDeconvolution", "backprop": "NeuronGradient"}
 
 
 def seeded_model(name: str, seed: int = 0) -> nn.Module:
@@ -37,7 +35,7 @@ def out_of_place_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def captum_maps(model, images, features, rule, source="map"):
+def captum_maps(captum_attr, model, images, features, rule, source="map"):
     twin = out_of_place_twin(model)
     modules = dict(twin.named_modules())
     maps = []
@@ -49,7 +47,7 @@ def captum_maps(model, images, features, rule, source="map"):
             selector = channel
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            maps.append(PEERS[rule](twin, modules[name]).attribute(images, selector))
+            maps.append(getattr(captum_attr, PEERS[rule])(twin, modules[name]).attribute(images, selector))
     return torch.stack(maps, 1)
 
 
@@ -216,25 +214,27 @@ def test_maps_have_the_input_shape(h, w, kernel, stride, pad, pool, pool_stride,
 # With the fix off: the peers
 
 @pytest.mark.parametrize("rule", ["guided", "deconvnet", "backprop"])
-def test_map_source_equals_captum_an8flower(rule):
+def test_map_source_equals_captum_an8flower(peer, rule):
+    captum_attr = peer("captum.attr")
     net = seeded_model("an8flower-single")
     x = torch.rand(2, 3, 112, 112, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     features = [("conv1", 3), ("norm1", 7), ("relu2", 5), ("conv4", 11), ("pool3", 2), ("fc1", 10),
                 ("relu6", 3)]
     ours = backproject(net, x, features, rule=rule, stride_fix=False)
-    theirs = captum_maps(net, x, features, rule)
+    theirs = captum_maps(captum_attr, net, x, features, rule)
     assert theirs.abs().amax(dim=(0, 2, 3, 4)).min() > 0  # every feature reaches the input
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("rule", ["guided", "deconvnet", "backprop"])
-def test_unit_source_equals_captum_mnist(rule):
+def test_unit_source_equals_captum_mnist(peer, rule):
+    captum_attr = peer("captum.attr")
     net = seeded_model("mnist")
     x = torch.rand(3, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     features = [("conv2", 5, (3, 4)), ("relu3", 1, (6, 0)), ("fc1", 17), ("fc3", 2)]
     ours = backproject(net, x, features, rule=rule, stride_fix=False, source="unit")
-    theirs = captum_maps(net, x, [(f[0], (f[1], *f[2]) if len(f) == 3 else f[1]) for f in features], rule,
-                         source="unit")
+    units = [(f[0], (f[1], *f[2]) if len(f) == 3 else f[1]) for f in features]
+    theirs = captum_maps(captum_attr, net, x, units, rule, source="unit")
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     # plain gradients also from torch.autograd, the most obvious reference of all
     if rule == "backprop":
@@ -256,7 +256,8 @@ def test_unit_source_defaults_to_the_strongest_position():
         torch.testing.assert_close(ours[i], ref[0])
 
 
-def test_other_layer_types_equal_captum():
+def test_other_layer_types_equal_captum(peer):
+    captum_attr = peer("captum.attr")
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.LocalResponseNorm(3),
                         nn.AvgPool2d(2), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.Dropout(0.5),
@@ -270,7 +271,8 @@ def test_other_layer_types_equal_captum():
     features = [("2", 1), ("4", 3), ("8", 5), ("9", 7), ("13", 4), ("14", 1)]
     for rule in PEERS:
         ours = backproject(net, x, features, rule=rule, stride_fix=False)
-        torch.testing.assert_close(ours, captum_maps(net, x, features, rule), rtol=1e-9, atol=1e-12)
+        theirs = captum_maps(captum_attr, net, x, features, rule)
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------

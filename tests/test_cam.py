@@ -13,8 +13,6 @@ from torch import nn
 from vefi.cam import cam, default_layer, grad_cam, upsampled_activations
 from vefi.models import build_model
 
-captum_attr = pytest.importorskip("captum.attr")
-
 
 def seeded_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -29,7 +27,8 @@ def gap_net():
 
 @pytest.mark.parametrize("name,layer", [("mnist", None), ("mnist", "conv2"), ("an8flower-single", None),
                                         ("an8flower-single", "conv2")])
-def test_matches_captum(name, layer):
+def test_matches_captum(peer, name, layer):
+    captum_attr = peer("captum.attr")
     model = seeded_model(name)
     other = copy.deepcopy(model)
     for m in other.modules():

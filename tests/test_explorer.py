@@ -1,7 +1,12 @@
-"""The explorer: its static view and its widget (quick-mode models)."""
+"""The explorer: its static view and its widget (quick-mode models); every redraw is seen, and a failing one
+is shown in the widget and raised."""
+
+import base64
+import io
 
 import matplotlib.pyplot as plt
 import pytest
+from PIL import Image
 
 import vefi.explorer as explorer_module
 from vefi.explorer import explanation_view, explorer
@@ -15,19 +20,83 @@ def quick(monkeypatch):
     # the explorer keeps what it loaded for the session: forget the quick-mode models
     for cache in (explorer_module._model, explorer_module._relevant, explorer_module._test_set):
         cache.cache_clear()
-
-
-def test_view_and_widget():
-    fig = explanation_view("mnist", 3, target=2, k=2, mu=10.0)
-    assert "test image 3" in fig._suptitle.get_text() and len(fig.axes) == 4
-    plt.close(fig)
-    box = explorer("mnist", 0)
-    network, index, target = box.children[0].children
-    assert network.value == "mnist" and target.value == -1
-    index.value = 1  # redraws without error
-    k = box.children[1].children[0]
-    k.value = 1
     plt.close("all")
+
+
+def controls(box):
+    """The explorer's widgets by name."""
+    (network, index, target), (k, mu) = box.children[0].children, box.children[1].children
+    return {"network": network, "index": index, "target": target, "k": k, "mu": mu, "out": box.children[2]}
+
+
+def figure_shown(out):
+    """The one figure the Output widget shows, as (title, PIL image); fails when it shows anything else."""
+    assert len(out.outputs) == 1, out.outputs
+    (shown,) = out.outputs
+    assert shown["output_type"] == "display_data", shown.get("traceback", shown)
+    image = Image.open(io.BytesIO(base64.b64decode(shown["data"]["image/png"])))
+    image.load()
+    return shown["data"]["text/plain"], image
+
+
+def test_view():
+    fig = explanation_view("mnist", 3, target=2, k=2, mu=10.0)
+    assert "test image 3" in fig.get_suptitle() and len(fig.axes) == 4
+
+
+def test_widget_redraws_on_every_change():
+    w = controls(explorer("mnist", 0, k=3))
+    assert w["network"].value == "mnist" and w["target"].value == -1
+    title, first = figure_shown(w["out"])
+    assert title.startswith("mnist, test image 0 ")
+    # before each change the widget is emptied: what it shows afterwards is that change's redraw
+    for control, value in (("index", 1), ("k", 1), ("target", 8), ("mu", 5.0)):
+        w["out"].outputs = ()
+        w[control].value = value
+        title, image = figure_shown(w["out"])
+        assert title.startswith("mnist, test image 1 "), (control, title)
+    assert "mu = 5:" in title
+    assert image.tobytes() != first.tobytes()
+
+
+def test_changing_the_network_redraws_once_in_a_valid_state(monkeypatch):
+    """The image index and class follow the new dataset before the one redraw (quick mode: 1000 Fashion-MNIST
+    test images, fewer than the 5000th chosen on MNIST); the drawing itself is recorded, not computed."""
+    w = controls(explorer("mnist", 0))
+    w["index"].value = 5000
+    w["target"].value = 8
+    calls = []
+
+    def recorded(*args):
+        calls.append(args)
+        fig = plt.figure(figsize=(1, 1))
+        fig.suptitle(f"{args[0]}, test image {args[1]}")
+        return fig
+
+    monkeypatch.setattr(explorer_module, "explanation_view", recorded)
+    w["network"].value = "fashion-mnist"
+    index = w["index"].max
+    assert index < 5000 and w["index"].value == index and w["target"].value == -1
+    assert calls == [("fashion-mnist", index, None, 3, 10.0)]
+    title, _ = figure_shown(w["out"])
+    assert title == f"fashion-mnist, test image {index}"
+
+
+def test_failing_redraw_is_shown_and_raised(monkeypatch):
+    w = controls(explorer("mnist", 0))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the drawing broke")
+
+    monkeypatch.setattr(explorer_module, "explanation_view", broken)
+    with pytest.raises(RuntimeError, match="the drawing broke"):
+        w["k"].value = 2
+    (shown,) = w["out"].outputs
+    assert shown["output_type"] == "error" and shown["ename"] == "RuntimeError"
+    assert "the drawing broke" in "".join(shown["traceback"])
+    # the first drawing too: a notebook cell that builds a broken explorer fails
+    with pytest.raises(RuntimeError, match="the drawing broke"):
+        explorer("mnist", 0)
 
 
 def test_bad_input():

@@ -14,19 +14,20 @@ from vefi.lrp import RULES, lrp, relevance_sums
 from vefi.models import build_model
 from vefi.saliency import gradient_x_input
 
-zennit_rules = pytest.importorskip("zennit.rules")
-from zennit.attribution import Gradient  # noqa: E402
-from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite  # noqa: E402
-
 
 def seeded_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model(name).double().eval()
 
 
-def zennit_relevance(model, images, target, rule, epsilon=0.25):
+def zennit_relevance(peer, model, images, target, rule, epsilon=0.25):
     """zennit with the same configuration: LRN passes relevance through (it has no LRN rule), ReLUs out of
-    place (its backward hooks cannot take in-place ones), pools left to the gradient (its default)."""
+    place (its backward hooks cannot take in-place ones), pools left to the gradient (its default).
+
+    zennit is imported here, through conftest.py's ``peer``: without it only the comparisons skip."""
+    zennit_rules = peer("zennit.rules")
+    Gradient = peer("zennit.attribution").Gradient
+    composites = peer("zennit.composites")
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, nn.ReLU):
@@ -37,12 +38,13 @@ def zennit_relevance(model, images, target, rule, epsilon=0.25):
               "alpha2beta1": zennit_rules.AlphaBeta(alpha=2.0, beta=1.0)}
     base = [(nn.ReLU, zennit_rules.Pass()), (nn.LocalResponseNorm, zennit_rules.Pass())]
     if rule == "composite":
-        composite = SpecialFirstLayerMapComposite(
+        composite = composites.SpecialFirstLayerMapComposite(
             layer_map=base + [(nn.Conv2d, zennit_rules.AlphaBeta(alpha=1.0, beta=0.0)),
                               (nn.Linear, zennit_rules.Epsilon(epsilon=epsilon))],
             first_map=[(nn.Conv2d, zennit_rules.ZBox(low=0.0, high=1.0))])
     else:
-        composite = LayerMapComposite(layer_map=base + [(nn.Conv2d, single[rule]), (nn.Linear, single[rule])])
+        composite = composites.LayerMapComposite(
+            layer_map=base + [(nn.Conv2d, single[rule]), (nn.Linear, single[rule])])
     with Gradient(model=twin, composite=composite) as attributor:
         _, relevance = attributor(images, lambda out: F.one_hot(target, out.shape[1]).to(out) * out)
     return relevance
@@ -55,12 +57,12 @@ CASES = [("mnist", rule) for rule in RULES] + [("an8flower-single", "alpha2beta1
 
 
 @pytest.mark.parametrize("name,rule", CASES)
-def test_matches_zennit(name, rule):
+def test_matches_zennit(peer, name, rule):
     model = seeded_model(name)
     images = torch.rand((2,) + model.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([2, 5])
     ours = lrp(model, images, target, rule=rule, epsilon=0.25)
-    theirs = zennit_relevance(model, images, target, rule)
+    theirs = zennit_relevance(peer, model, images, target, rule)
     scale = theirs.abs().amax()
     assert scale > 0
     assert torch.allclose(ours, theirs, atol=1e-8 * float(scale), rtol=1e-6), float((ours - theirs).abs().max())

@@ -10,8 +10,6 @@ from torch import nn
 from vefi.models import build_model
 from vefi.occlusion import occlusion, window_positions
 
-captum_attr = pytest.importorskip("captum.attr")
-
 
 def seeded_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -20,7 +18,8 @@ def seeded_model(name: str, seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("name,window,stride,baseline", [("mnist", 7, 3, 0.5), ("mnist", 5, 5, 0.0),
                                                          ("an8flower-single", 40, 24, 0.5)])
-def test_matches_captum(name, window, stride, baseline):
+def test_matches_captum(peer, name, window, stride, baseline):
+    captum_attr = peer("captum.attr")
     model = seeded_model(name)
     channels, height, width = model.input_shape
     images = torch.rand((2,) + model.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

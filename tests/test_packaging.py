@@ -1,9 +1,13 @@
 """The project's own set-up files agree with each other."""
 
+import importlib.metadata
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tests.conftest import declared_dependencies, distribution_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +34,21 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
     assert "make book" in (ROOT / "README.md").read_text()
+
+
+def test_test_dependencies_map_to_their_import_names():
+    """tests/conftest.py imports each declared test dependency by an import name (spams-bin -> spams); the
+    installed distribution must provide that name, or its session check under CI=true tests nothing real."""
+    provided = importlib.metadata.packages_distributions()  # import name -> distributions
+    missing = []
+    for module, requirement in declared_dependencies("test").items():
+        distribution = distribution_name(requirement)
+        try:
+            importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement)
+            continue
+        assert distribution in {distribution_name(d) for d in provided.get(module, [])}, (
+            f"{requirement} does not provide the module {module!r}: fix IMPORT_NAMES in tests/conftest.py")
+    if missing:  # under CI=true, conftest.py's session check has stopped the run before this
+        pytest.skip(f"not installed, so not checked: {missing}")

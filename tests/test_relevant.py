@@ -1,10 +1,14 @@
-"""The book's relevant features: the cached Gram pair gives what descriptors + selector give directly."""
+"""The book's relevant features: the cached Gram pair gives what descriptors + selector give directly, and an
+uncertified selection warns."""
+
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from vefi.descriptors import FeatureIndex, default_layers, descriptors
+from vefi.lasso import ConvergenceWarning
 from vefi.models import build_model
 from vefi.relevant import model_fingerprint, relevant_features, training_gram
 from vefi.selection import RelevantFeatureSelector
@@ -70,3 +74,19 @@ def test_gram_is_cached_and_a_damaged_cache_is_rebuilt(fake_fashion, tmp_path):
     with pytest.warns(RuntimeWarning, match="damaged"):
         rebuilt, _ = training_gram("fashion-mnist", model)
     np.testing.assert_allclose(rebuilt.Q, first.Q)
+
+
+def test_an_uncertified_selection_warns_with_the_network_name(fake_fashion, monkeypatch):
+    # The book keeps warnings visible: a selection the solver did not certify must say so, once.
+    import vefi.selection
+
+    real = vefi.selection.solve_mu_lasso
+    monkeypatch.setattr(vefi.selection, "solve_mu_lasso", lambda *a, **k: real(*a, **{**k, "max_iter": 1}))
+    with pytest.warns(ConvergenceWarning, match=r"'fashion-mnist' at mu=2 \(All\) are not certified.*max_iter") \
+            as record:
+        rel = relevant_features("fashion-mnist", mu=2, model=fake_fashion)
+    assert len(record) == 1 and not rel.selector.converged_ and rel.selector.status_ == "max_iter"
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        assert relevant_features("fashion-mnist", mu=2, model=fake_fashion).selector.converged_

@@ -12,7 +12,6 @@ from torch import nn
 from vefi.models import build_model
 from vefi.saliency import gradient, gradient_x_input, sensitivity
 
-captum_attr = pytest.importorskip("captum.attr")
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
 
 
@@ -30,7 +29,8 @@ def twin(model):
 
 
 @pytest.mark.parametrize("name", ["mnist", "an8flower-single"])
-def test_matches_captum(name):
+def test_matches_captum(peer, name):
+    captum_attr = peer("captum.attr")
     model = seeded_model(name)
     images = torch.rand((3,) + model.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([0, 3, 5])

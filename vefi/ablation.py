@@ -47,7 +47,7 @@ from vefi._progress import progress
 from vefi.config import data_dir
 from vefi.data import load_dataset
 from vefi.descriptors import Feature, FeatureIndex
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
 
 __all__ = ["PAPER_FEATURE_COUNTS", "BOOK_IMAGES", "AblationResult", "book_images", "ablated", "ablation_accuracy",
            "ablation_study", "feature_strength", "mean_class_accuracy", "random_like", "subsample"]
@@ -262,11 +262,7 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
     >>> acc.shape
     (2,)
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise TypeError(f"images must be a (N, C, H, W) tensor, got "
-                        f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}")
-    if not images.is_floating_point() or not torch.isfinite(images).all():
-        raise ValueError("images must be finite floats in [0, 1]")
+    images = check_images(images, getattr(model, "input_shape", None))  # moved to the model chunk by chunk
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
@@ -280,18 +276,17 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
     n = images.shape[0]
     per_pass = max(1, int(max_rows) // n) if n <= max_rows else 1
     image_chunk = n if n <= max_rows else int(max_rows)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     predicted = np.zeros((len(configurations), n), dtype=np.int64)
     steps = [(g, s) for g in range(0, len(configurations), per_pass) for s in range(0, n, image_chunk)]
     with preserved(model), torch.no_grad():
         model.eval()
         for g0, s0 in progress(steps, desc=desc):
             group = configurations[g0:g0 + per_pass]
-            x = images[s0:s0 + image_chunk].to(device)
+            # chunks go to the model's device and dtype: the accuracies come back as numbers in any case
+            x = check_images(images[s0:s0 + image_chunk], model=model, convert=True)
             masks = _masks(table, group)
             with _hooked(masks):
-                out = model(x.repeat(len(group), *([1] * (x.dim() - 1))))
+                out = check_scores(model(x.repeat(len(group), *([1] * (x.dim() - 1)))), len(group) * x.shape[0])
             predicted[g0:g0 + len(group), s0:s0 + x.shape[0]] = \
                 out.argmax(1).reshape(len(group), x.shape[0]).cpu().numpy()
     return np.array([mean_class_accuracy(p, labels, n_classes) for p in predicted])

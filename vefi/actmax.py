@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
 from vefi.perturbation import blur
 
 __all__ = ["ActMaxResult", "Patches", "activation_maximisation", "filters", "top_patches", "unit_responses"]
@@ -121,7 +121,7 @@ def _objective(model: nn.Module, x: torch.Tensor, targets: list[_Target], reduct
 
     handles = [m.register_forward_hook(hook) for m in modules.values()]
     try:
-        logits = model(x)
+        logits = check_scores(model(x), x.shape[0])
     finally:
         for h in handles:
             h.remove()
@@ -201,8 +201,6 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
     layers = layer_table(model, shape)
     resolved = _resolve_targets(layers, targets)
     n = len(resolved)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(int(seed))
     if start is None:
         start = 0.5 + 0.05 * torch.randn((n, *shape), generator=generator)
@@ -216,13 +214,14 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
             raise ValueError(f"start must have shape {(n, *shape)} (one image per target), got {tuple(start.shape)}")
         if not start.is_floating_point() or not torch.isfinite(start).all():
             raise ValueError("start must be floating point without NaN or Inf")
-    start = start.detach().float().to(device)
-    x = start.clone()
-    trace = torch.empty(steps, n)
-    with preserved(model):
+    # the images come back on the CPU: the start goes to the model's device and dtype
+    start = check_images(start.detach(), shape, model=model, convert=True)
+    with preserved(model), gradients_on(model):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        x = start.clone()  # created inside gradients_on, see there; so is the trace, written in place
+        trace = torch.empty(steps, n)
         with torch.no_grad():
             initial = _objective(model, start, resolved, reduction)
         for step in progress(range(steps), desc="activation maximisation", disable=not show_progress):
@@ -321,8 +320,6 @@ def unit_responses(model: nn.Module, data, layer, channel: int, *, batch_size: i
     def hook(module, inputs, output):
         captured.append(output[:, target.channel].detach().clone())
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     with preserved(model):
         model.eval()
         handle = module.register_forward_hook(hook)
@@ -331,7 +328,7 @@ def unit_responses(model: nn.Module, data, layer, channel: int, *, batch_size: i
                 for lo in progress(range(0, len(data), batch_size), desc=f"responses of {target.label}",
                                    disable=not show_progress):
                     captured.clear()
-                    model(data.batch(slice(lo, lo + batch_size)).to(device))
+                    model(check_images(data.batch(slice(lo, lo + batch_size)), model=model, convert=True))
                     act = captured[0]
                     if act.dim() == 1:
                         responses.append(act.cpu())

@@ -33,7 +33,8 @@ sees ``nn.ReLU`` (in-place or not), ``torch.relu``/``F.relu``/``Tensor.relu`` ca
 out of place (the returned tensor is what the model uses next). No hook or mode outlives a call.
 
 Batching: the n images go forward once; the backward pass runs once, vmapped (``torch.func``) over the k
-seeds, one per feature. Two backward steps are hand-written for speed and tested against autograd: the
+seeds, one per feature (once per seed when the model carries hooks of the user, which ``torch.func`` cannot
+run through). Two backward steps are hand-written for speed and tested against autograd: the
 strided transposed convolution without the fix (as one stride-1 convolution and a pixel shuffle), and local
 response normalisation.
 
@@ -62,11 +63,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
 from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
-__all__ = ["RULES", "POOL_FIXES", "SOURCES", "backproject", "conv_backproject",
+__all__ = ["RULES", "POOL_FIXES", "SOURCES", "NonlinearityGuard", "backproject", "conv_backproject",
            "maxpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
 
 RULES = ("backprop", "deconvnet", "guided")
@@ -79,6 +80,7 @@ _UNSUPPORTED_FUNCTIONS = frozenset({
     "softsign", "hardtanh", "relu6", "hardswish", "hardsigmoid", "mish", "glu", "logsigmoid", "softmax",
     "log_softmax", "softmin", "threshold", "tanhshrink", "softshrink", "hardshrink",
 })
+_SUPPORTED = ("ReLU in any form, conv, linear, pooling, batch norm, dropout, flatten, local response norm")
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu)
 _RELU_INPLACE_FUNCTIONS = (torch.relu_, torch.Tensor.relu_, F.relu_)
 
@@ -364,13 +366,59 @@ _LRN_DEFAULTS = {"alpha": 1e-4, "beta": 0.75, "k": 1.0}
 _POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
 
 
-class _BackprojectionMode(TorchFunctionMode):
+def _calling_module(model: nn.Module) -> str:
+    """The innermost module of ``model`` whose forward is on the call stack (for error messages only)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            return f"module {names[id(owner)] or 'model'!r} ({type(owner).__name__})"
+        frame = frame.f_back
+    return "the model's forward"
+
+
+class NonlinearityGuard(TorchFunctionMode):
+    """While active (a context manager around a model's forward pass), refuse every torch function that is
+    a nonlinearity without a rule here: ``F.gelu``, ``torch.sigmoid``, ``Tensor.tanh``, ``F.softmax``, ...
+
+    Methods whose rules are attached to modules (forward hooks) do not see a function called in a custom
+    ``forward``: without this guard they pass it by its plain gradient and give a wrong map without a word.
+    Back-projection and LRP both run their forward pass under it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose forward runs (the error names the module that called the function).
+    action : str
+        What cannot be done, for the message: ``"back-project"``, ``"propagate LRP relevance"``.
+    supported : str
+        What is supported, for the message.
+    """
+
+    def __init__(self, model: nn.Module, action: str = "back-project", supported: str = _SUPPORTED):
+        super().__init__()
+        self.model, self.action, self.supported = model, action, supported
+
+    def refuse(self, func) -> None:
+        """Raise the ``TypeError`` if ``func`` is a nonlinearity without a rule."""
+        name = getattr(func, "__name__", "").rstrip("_")
+        if name in _UNSUPPORTED_FUNCTIONS:
+            raise TypeError(f"cannot {self.action} through the nonlinearity {name!r} (called in "
+                            f"{_calling_module(self.model)}); supported: {self.supported}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.refuse(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _BackprojectionMode(NonlinearityGuard):
     """Swap ReLU, strided conv, strided max-pool (under the fix) and LRN calls for the functions above; refuse
     nonlinearities without a rule."""
 
-    def __init__(self, rule: str, stride_fix: bool, pool_fix: str, where):
-        super().__init__()
-        self.rule, self.stride_fix, self.pool_fix, self.where = rule, stride_fix, pool_fix, where
+    def __init__(self, model: nn.Module, rule: str, stride_fix: bool, pool_fix: str):
+        super().__init__(model)
+        self.rule, self.stride_fix, self.pool_fix = rule, stride_fix, pool_fix
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -395,11 +443,7 @@ class _BackprojectionMode(TorchFunctionMode):
                                         _pair(stride, "stride"), _pair(a["padding"], "padding"),
                                         _pair(a["dilation"], "dilation"), a["ceil_mode"])
         else:
-            name = getattr(func, "__name__", "").rstrip("_")
-            if name in _UNSUPPORTED_FUNCTIONS:
-                raise TypeError(f"cannot back-project through the nonlinearity {name!r} "
-                                f"(called in {self.where()}); supported: ReLU in any form, conv, linear, "
-                                "pooling, batch norm, dropout, flatten, local response norm")
+            self.refuse(func)
         return func(*args, **kwargs)
 
 
@@ -513,10 +557,17 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
     Raises
     ------
     ValueError
-        Unknown layer, channel or position out of range, images of the wrong shape or with NaN/Inf, unknown
-        rule/pool_fix/source, no features.
+        Unknown layer, channel or position out of range, images of the wrong shape, with NaN/Inf or on another
+        device than the model, unknown rule/pool_fix/source, no features.
     TypeError
-        A nonlinearity on the way back that has no rule (e.g. ``nn.Tanh``), or arguments of the wrong type.
+        A nonlinearity on the way back that has no rule (e.g. ``nn.Tanh``, ``F.gelu``), images of another
+        dtype than the model's, or arguments of the wrong type.
+
+    Notes
+    -----
+    A model carrying hooks of the user (forward hooks, full backward hooks) is back-projected with one
+    backward pass per feature instead of one vmapped pass: ``torch.func`` cannot run through such hooks.
+    The maps are the same; the hooks stay where they are and are called as in any backward pass.
 
     Examples
     --------
@@ -534,7 +585,7 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    images = check_images(images, getattr(model, "input_shape", None))
+    images = check_images(images, model)
     n = images.shape[0]
     layers = _layers(model, tuple(images.shape[1:]))
 
@@ -582,20 +633,9 @@ def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, sourc
         if number == numbers[-1]:
             raise _Stop
 
-    def where():
-        # only for an error message: the innermost module whose forward is on the call stack
-        names = {id(m): name for name, m in model.named_modules()}
-        frame = inspect.currentframe()
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and id(owner) in names:
-                return f"module {names[id(owner)] or 'model'!r} ({type(owner).__name__})"
-            frame = frame.f_back
-        return "the model's forward"
-
     def forward(x):
         captured.clear()
-        with torch.enable_grad(), _BackprojectionMode(rule, stride_fix, pool_fix, where):
+        with torch.enable_grad(), _BackprojectionMode(model, rule, stride_fix, pool_fix):
             try:
                 model(x)
             except _Stop:
@@ -631,20 +671,45 @@ def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, sourc
         return seeds
 
     handles = []
-    with preserved(model):
+    with preserved(model), gradients_on(model):
         try:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+            loop = _has_user_hooks(model)  # before ours are added
             for layer in by_layer.values():
                 handles.append(layer.module.register_forward_hook(capture))
-            # one forward pass of the n images; the backward pass is vmapped over the k seeds
-            acts, pull = torch.func.vjp(forward, images.detach())
-            (maps,) = torch.func.vmap(pull)(tuple(seeds_for(acts)))
+            x = images.detach().clone()  # inside gradients_on: a normal tensor even under inference mode
+            if loop:
+                # the user's hooks may not run under torch.func: the same backward pass, once per seed
+                x.requires_grad_(True)
+                acts = forward(x)
+                seeds = seeds_for(acts)
+                maps = torch.stack([torch.autograd.grad(acts, x, [seed[j] for seed in seeds],
+                                                        retain_graph=j < k - 1)[0] for j in range(k)])
+            else:
+                # one forward pass of the n images; the backward pass is vmapped over the k seeds
+                acts, pull = torch.func.vjp(forward, x)
+                (maps,) = torch.func.vmap(pull)(tuple(seeds_for(acts)))
             return maps.detach().transpose(0, 1)
         finally:
             for h in handles:
                 h.remove()
+
+
+def _has_user_hooks(model: nn.Module) -> bool:
+    """Whether the forward or backward pass through ``model`` runs hooks of the user that functorch's
+    transforms cannot go through: full backward (pre-)hooks are autograd functions without a vmap rule, and
+    a forward hook may register a tensor hook on its output, which a functorch-wrapped tensor refuses."""
+    from torch.nn.modules import module as torch_module  # the global hooks live there only
+
+    if getattr(torch_module, "_global_forward_hooks", None) or \
+            getattr(torch_module, "_global_backward_pre_hooks", None) or \
+            (getattr(torch_module, "_global_backward_hooks", None)
+             and getattr(torch_module, "_global_is_full_backward_hook", False)):
+        return True
+    return any(m._forward_hooks or m._backward_pre_hooks
+               or (m._backward_hooks and getattr(m, "_is_full_backward_hook", False)) for m in model.modules())
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vefi._cache import load_arrays, save_arrays
+from vefi._cache import check_arrays, load_arrays, save_arrays
 from vefi._model_state import preserved
+from vefi.heatmaps import class_indices
 
 __all__ = ["PAPER_DROP_DIFFERENCE", "BASELINES", "OcclusionResult", "box_masks", "box_occlusion_study",
            "confidence_drop", "default_box", "occlude", "sample_centres"]
@@ -248,7 +249,7 @@ def confidence_drop(model: nn.Module, images: torch.Tensor, occluded: torch.Tens
     with preserved(model):
         model.eval()
         p0 = probs(images)
-        target = p0.argmax(1) if target is None else torch.as_tensor(target).reshape(-1)
+        target = p0.argmax(1) if target is None else class_indices(target)
         if target.shape[0] != n:
             raise ValueError(f"target must have one class per image ({n}), got {target.shape[0]}")
         p1 = probs(occluded).view(-1, n, p0.shape[1])
@@ -332,7 +333,10 @@ def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, n_images: i
     study = _study("boxocclusion", "boxocc", name, method, mu, n_images, seed, options, n_draws=int(n_draws),
                    coverage=float(coverage), box=box, baseline=repr(baseline))
     idx = study.idx
-    stored = load_arrays(study.path) if use_cache else None
+    n = len(idx)
+    spec = {"confidence": (np.float32, (n,)), "drop": (np.float32, (int(n_draws), n)),
+            "coverage": (np.float32, (int(n_draws), n)), "seconds": (np.float64, ())}
+    stored = load_arrays(study.path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
     if stored is not None:
         return OcclusionResult(name, method, stored["confidence"], stored["drop"], stored["coverage"], len(idx),
                                float(stored["seconds"]), True)

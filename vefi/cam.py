@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
 from vefi.heatmaps import _resolve_target
-from vefi.layers import check_images
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
 __all__ = ["default_layer", "grad_cam", "cam", "upsampled_activations"]
 
@@ -68,7 +67,8 @@ def _layer(model, images, layer) -> Layer:
 
 
 def _activations(model, images, module, with_grad: bool):
-    """Logits and the module's output; the hook hands a copy on, so a later in-place ReLU cannot touch it."""
+    """Logits and the module's output; the hook hands a copy on, so a later in-place ReLU cannot touch it.
+    With ``with_grad``, call it inside :func:`vefi._model_state.gradients_on`."""
     store = {}
 
     def hook(_, inputs, output):
@@ -119,9 +119,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     images = check_images(images, model)
     with preserved(model):
         chosen = _layer(model, images, layer)
-        logits, a = _activations(model, images, chosen.module, with_grad=True)
-        target = _resolve_target(target, logits)
-        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+        with gradients_on(model):
+            logits, a = _activations(model, images, chosen.module, with_grad=True)
+            target = _resolve_target(target, logits)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
     weights = grad.mean((2, 3), keepdim=True)
     maps = (weights * a.detach()).sum(1, keepdim=True).clamp(min=0)
     return (_upsample(maps, images.shape[2:]) if upsample else maps)[:, 0]

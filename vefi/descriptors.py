@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
 __all__ = ["Feature", "FeatureIndex", "Descriptors", "default_layers", "descriptors", "synthetic_descriptors"]
 
@@ -225,6 +225,8 @@ def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | No
     data : torch.Tensor, numpy.ndarray, Dataset, DataLoader or iterable of batches
         Images ``(N, C, H, W)`` (a tensor or array), a Dataset of ``(image, label)`` items, or a loader of
         ``(images, labels)`` batches or of image batches. Streamed in batches; only the descriptors are kept.
+        Each batch is checked as :func:`vefi.layers.check_images` does (float, the model's image shape, no
+        NaN/Inf) and moved to the model's device and dtype.
     layers : iterable of int, str or Layer, optional
         Layers by number or name (see :func:`vefi.layers.layer_table`). Default: :func:`default_layers`.
     squared : bool
@@ -277,9 +279,6 @@ def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | No
         chosen = sorted(chosen, key=lambda layer: layer.number)
     index = FeatureIndex.from_layers(chosen)
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     per_batch: dict[int, torch.Tensor] = {}
 
     def make_hook(number: int):
@@ -308,11 +307,11 @@ def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | No
                 bar = progress(_batches(data, int(batch_size)), desc="descriptors",
                                total=_length(data, int(batch_size)), **extra)
                 for images, batch_labels in bar:
-                    if not images.is_floating_point():
-                        raise TypeError(f"images must be a floating-point tensor (pixels in [0, 1]), got "
-                                        f"{images.dtype}")
+                    # batches of a loader come on the CPU, often as float64 from numpy: moved to the model's
+                    # device and dtype, after the checks every tool makes (shape, NaN/Inf)
+                    images = check_images(images, input_shape, model=model, convert=True)
                     per_batch.clear()
-                    model(images.to(device=device, dtype=dtype))
+                    model(images)
                     blocks = []
                     for layer in chosen:
                         block = per_batch[layer.number]

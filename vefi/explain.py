@@ -33,7 +33,8 @@ from torch import nn
 from vefi._model_state import preserved
 from vefi.backproject import backproject, heatmap
 from vefi.descriptors import Feature, descriptors
-from vefi.layers import check_images, layer_table
+from vefi.heatmaps import class_indices
+from vefi.layers import check_images, check_scores, layer_table
 from vefi.plotting import LAYER_COLOURS, to_display
 
 __all__ = ["MAPS", "Explanation", "explain", "contributions", "check_compatible", "feature_colour",
@@ -255,20 +256,13 @@ def check_compatible(model: nn.Module, relevant) -> list:
 def _check_target(target, n: int, n_classes: int, predicted: torch.Tensor) -> torch.Tensor:
     if target is None:
         return predicted.clone()
-    if isinstance(target, bool):
-        raise TypeError(f"target must be None, an int or a LongTensor of shape ({n},), got {target!r}")
-    if isinstance(target, (int, np.integer)):
-        target = torch.full((n,), int(target), dtype=torch.long)
-    else:
-        target = torch.as_tensor(target)
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-        target = target.reshape(-1).long() if target.dim() <= 1 else target
-        if target.dim() == 1 and target.numel() == 1 and n > 1:
-            target = target.expand(n)
-        if target.shape != (n,):
-            raise ValueError(f"target must be None, an int or have shape ({n},) (one class per image), got "
-                             f"shape {tuple(target.shape)}")
+    shape = tuple(target.shape) if isinstance(target, (torch.Tensor, np.ndarray)) else None
+    target = class_indices(target).cpu()
+    if target.numel() == 1:
+        target = target.expand(n)
+    if target.shape != (n,) or (shape is not None and len(shape) > 1):
+        raise ValueError(f"target must be None, an int or have shape ({n},) (one class per image), got "
+                         f"shape {shape or tuple(target.shape)}")
     bad = (target < 0) | (target >= n_classes)
     if bad.any():
         raise ValueError(f"class index {int(target[bad][0])} out of range: this model has {n_classes} classes "
@@ -345,7 +339,8 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     target : None, int or LongTensor (n,)
         The class to explain: default each image's predicted class.
     k : int
-        Most features per image (the paper: 3).
+        Most features per image (the paper: 3). A ``k`` larger than the number of features the selector kept
+        is lowered to that number (``maps`` then has that many slots).
     stride_fix : bool
         Back-project with the stride fix (the method); ``False`` gives the "Deconv+GB" baseline.
     maps : {"backproject", "upsampled"}
@@ -383,20 +378,19 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
     table = check_compatible(model, relevant)
-    images = check_images(images, getattr(model, "input_shape", None) or table[0].input_shape)
-    if images.dtype != torch.float32 and images.dtype != torch.float64:
-        images = images.float()
-    param = next(model.parameters(), None)
-    if param is not None:
-        images = images.to(device=param.device, dtype=param.dtype)
+    # the result comes back on the CPU: images are moved to the model's device and dtype, as descriptors does
+    images = check_images(images, getattr(model, "input_shape", None) or table[0].input_shape, model=model,
+                          convert=True)
     n = images.shape[0]
     coef = relevant.selector.coef_
+    # no image can have more features than the selector kept: a larger k would only allocate empty maps
+    k = max(1, min(int(k), int(np.count_nonzero(relevant.selector.get_support()))))
 
     X, _, _ = descriptors(model, images, [layer.number for layer in relevant.index.layers], show_progress=False)
     with preserved(model):
         model.eval()
         with torch.no_grad():
-            predicted = model(images).argmax(1).cpu()
+            predicted = check_scores(model(images), n).argmax(1).cpu()
     target = _check_target(target, n, coef.shape[0], predicted)
 
     scores = contributions(X, coef, target.numpy(), relevant.selector.get_support())

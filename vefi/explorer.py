@@ -3,10 +3,16 @@
 :func:`explanation_view` draws one state (what the static book shows); :func:`explorer` wraps it in
 ipywidgets controls that redraw on every change. Models, relevant features and test sets are loaded once
 and kept for the session.
+
+A redraw that fails is never hidden: its traceback replaces the figure in the widget, and the exception
+goes on to the caller (the notebook cell that builds the explorer, or the change of a control).
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import traceback
 from functools import lru_cache
 
 import matplotlib.pyplot as plt
@@ -74,7 +80,6 @@ def explorer(dataset: str = "mnist", index: int = 0, k: int = 3, mu: float = DEF
     >>> explorer()  # doctest: +SKIP
     """
     import ipywidgets as widgets
-    from IPython.display import display
 
     style = {"description_width": "70px"}
     w_dataset = widgets.Dropdown(options=DATASETS, value=dataset, description="network", style=style)
@@ -91,21 +96,33 @@ def explorer(dataset: str = "mnist", index: int = 0, k: int = 3, mu: float = DEF
     w_class.options, w_class.value = class_options(dataset), -1
 
     def redraw(*_):
-        out.clear_output(wait=True)
-        with out:
-            try:
-                fig = explanation_view(w_dataset.value, w_index.value,
-                                       None if w_class.value == -1 else w_class.value, w_k.value, w_mu.value)
-                display(fig)
+        # the figure goes into the Output widget's outputs directly (not `with out: display(fig)`): that works
+        # with or without a kernel, where an error inside `with out:` would be swallowed by the widget
+        fig = None
+        try:
+            fig = explanation_view(w_dataset.value, w_index.value,
+                                   None if w_class.value == -1 else w_class.value, w_k.value, w_mu.value)
+            out.outputs = (figure_output(fig),)
+        except Exception as error:
+            # the controls offer only valid choices: any error is a failure, shown in the page and raised
+            out.outputs = ({"output_type": "error", "ename": type(error).__name__, "evalue": str(error),
+                            "traceback": traceback.format_exception(error)},)
+            raise
+        finally:
+            if fig is not None:
                 plt.close(fig)
-            except ValueError as error:
-                print(error)
 
     def dataset_changed(change):
-        w_index.max = len(_test_set(change["new"])) - 1
-        w_class.unobserve(redraw, "value")
-        w_class.options, w_class.value = class_options(change["new"]), -1
-        w_class.observe(redraw, "value")
+        # no redraw while the image and class controls change: halfway they describe no valid state (a class
+        # or image index of the old dataset that the new one lacks)
+        for w in (w_index, w_class):
+            w.unobserve(redraw, "value")
+        try:
+            w_index.max = len(_test_set(change["new"])) - 1
+            w_class.options, w_class.value = class_options(change["new"]), -1
+        finally:
+            for w in (w_index, w_class):
+                w.observe(redraw, "value")
         redraw()
 
     w_dataset.observe(dataset_changed, "value")
@@ -113,3 +130,12 @@ def explorer(dataset: str = "mnist", index: int = 0, k: int = 3, mu: float = DEF
         w.observe(redraw, "value")
     redraw()
     return widgets.VBox([widgets.HBox([w_dataset, w_index, w_class]), widgets.HBox([w_k, w_mu]), out])
+
+
+def figure_output(fig) -> dict:
+    """``fig`` as a Jupyter display_data output (PNG, its title as the text form), for an Output widget."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                     "text/plain": fig.get_suptitle()}}

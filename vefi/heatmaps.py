@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
-from vefi.layers import check_images
+from vefi.layers import check_images, check_scores
 
-__all__ = ["METHODS", "compute", "normalise"]
+__all__ = ["METHODS", "class_indices", "compute", "normalise"]
 
 METHODS = ("ours", "deconv-gb", "upsampled-activations", "gradient", "gradient-x-input", "lrp-epsilon",
            "lrp-zplus", "lrp-alpha1beta0", "lrp-alpha2beta1", "lrp-composite", "occlusion", "grad-cam",
@@ -64,29 +65,61 @@ _EXPLAIN = {"ours": {"stride_fix": True, "maps": "backproject"},
 
 
 
+def class_indices(target) -> torch.Tensor:
+    """A target given as class indices, as a 1-D LongTensor: an int, an integer tensor or array, or a
+    sequence of ints. Anything else, floats above all, is refused: a class index is never rounded
+    (``target=2.7`` is not class 2).
+
+    Every function of vefi that takes ``target=`` converts it with this; None (the predicted class), the
+    number of rows and the range of classes are the caller's business.
+
+    Examples
+    --------
+    >>> class_indices(3).tolist(), class_indices([1, 2]).tolist()
+    ([3], [1, 2])
+    >>> class_indices([2.7])
+    Traceback (most recent call last):
+    ...
+    TypeError: target must be class indices (an int, an integer tensor or a sequence of ints), got [2.7]
+    """
+    def refuse():
+        shown = repr(target) if not isinstance(target, torch.Tensor) else f"a tensor of dtype {target.dtype}"
+        return TypeError("target must be class indices (an int, an integer tensor or a sequence of ints), got "
+                         f"{shown[:200]}")
+
+    if isinstance(target, bool):
+        raise refuse()
+    if isinstance(target, numbers.Integral):
+        return torch.tensor([int(target)], dtype=torch.long)
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise refuse()
+        return target.detach().reshape(-1).long()
+    if hasattr(target, "__array__") and not isinstance(target, (list, tuple)):  # a numpy array
+        array = np.asarray(target)
+        if array.dtype.kind not in "iu":
+            raise refuse()
+        return torch.as_tensor(array.reshape(-1), dtype=torch.long)
+    if isinstance(target, (list, tuple, range)):
+        items = [t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point()
+                 and t.dtype != torch.bool else t for t in target]
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
+            raise refuse()
+        return torch.tensor([int(t) for t in items], dtype=torch.long)
+    raise refuse()
+
+
 def _resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
     """The target class of every row as a LongTensor (n,): the predicted class when ``target`` is None."""
-    n, classes = logits.shape[0], logits.shape[-1]
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return class scores of shape (n, classes), got {tuple(logits.shape)}")
+    logits = check_scores(logits)
+    n, classes = logits.shape
     if target is None:
         return logits.detach().argmax(1)
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        target = torch.full((n,), int(target), dtype=torch.long, device=logits.device)
-    elif isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-        target = target.to(device=logits.device, dtype=torch.long).reshape(-1)
-        if target.numel() == 1:
-            target = target.expand(n)
-        elif target.numel() != n:
-            raise ValueError(f"target must be one class or one per image ({n}), got {target.numel()}")
-    else:
-        try:
-            target = torch.as_tensor(list(target), dtype=torch.long, device=logits.device)
-        except (TypeError, ValueError):
-            raise TypeError(f"target must be None, an int or a sequence of ints, got {type(target).__name__}")
-        return _resolve_target(target, logits)
+    target = class_indices(target).to(logits.device)
+    if target.numel() == 1:
+        target = target.expand(n)
+    elif target.numel() != n:
+        raise ValueError(f"target must be one class or one per image ({n}), got {target.numel()}")
     if target.min() < 0 or target.max() >= classes:
         raise ValueError(f"target classes must lie in [0, {classes - 1}], got {target.tolist()}")
     return target
@@ -143,7 +176,13 @@ def compute(method: str, model: nn.Module, images: torch.Tensor, target=None, **
     Raises
     ------
     ValueError
-        Unknown method (the message lists :data:`METHODS`), NaN/Inf in the images, bad target.
+        Unknown method (the message lists :data:`METHODS`), NaN/Inf in the images, images on another device
+        than the model, a class out of range.
+    TypeError
+        A target that is not class indices (a float is never rounded), images of another dtype than the
+        model's, a model that does not return a tensor of class scores (wrap it so that it does).
+
+    Every method works under the caller's ``torch.no_grad()`` or ``torch.inference_mode()`` too.
 
     Examples
     --------

@@ -9,18 +9,28 @@ The problem separates into one constrained lasso per column ``w_j``; every quant
 from the Gram pair ``Q = X X^T`` (m x m), ``q = X L^T`` (m x C) and the squared label norms ``||l_j||^2``,
 which :class:`GramAccumulator` sums over streamed batches in float64.
 
-The solver is the spectral projected gradient method of SPGL1 (van den Berg & Friedlander 2008) for a fixed
-``tau = mu``: Barzilai-Borwein steps (Barzilai & Borwein 1988), a non-monotone line search, and the Euclidean
-projection onto the L1 ball (Duchi et al. 2008), all vectorised over the C columns. Because the objective is
-quadratic, a trial point along the projected direction ``d`` costs nothing beyond ``Q d``: the objective,
-the gradient and the next BB step follow from ``g^T d`` and ``d^T Q d``. It stops when the relative duality
-gap of every class is below ``tol``. Two additions make it fast on descriptors, whose Gram matrix is
-ill-conditioned (even singular: every L1-normalised block sums to one) and whose solutions are sparse:
+The solver is the lasso homotopy (Osborne, Presnell & Turlach 2000; Efron et al. 2004, LARS with the lasso
+modification), which SPAMS also uses: the solution ``w(lambda)`` of the penalised problem
+``min 0.5 ||X^T w - l||^2 + lambda ||w||_1`` is piecewise linear in ``lambda``, and ``||w(lambda)||_1`` grows
+as ``lambda`` falls, so following it from ``lambda = max|q|`` (w = 0) until the L1 norm reaches ``mu`` (or
+``lambda`` reaches 0: least squares inside the ball) gives the constrained solution exactly, in about one
+iteration per feature that enters or leaves the support. Each iteration reads the rows of Q of the active
+features only (one product of those columns with two vectors per class; the classes run in lock-step so one
+product serves all), and solves with a Cholesky factor of the active Gram block, updated when a feature
+enters. Why this and not the SPGL1 iteration the paper cites (spectral projected gradient with BB steps):
+measured on 60 problems of five families (``benchmarks/lasso_problems.py``), the projected gradient, even
+with face steps and a working set, stopped at its iteration limit on a quarter of them (columns scaled over
+six orders of magnitude, exact fits with more features than images, mu up to 1000), with answers that
+depended on the BLAS kernel; the homotopy's work does not depend on the conditioning, only its rounding
+does. Degenerate data is handled where SPAMS returns NaN or leaves the ball: a feature whose column is
+(numerically) in the span of the active ones (blocks that sum to one, low rank, more features than images)
+is kept out, since adding it would make the active block singular, and a feature that just left may not
+re-enter at once with its old sign (rounding at a tie).
 
-* a face step (SPGL1's subspace minimisation): when a class keeps its support and signs, the exact minimiser
-  on that face solves a small linear system, so the iterations end once the support is right;
-* a working set: the SPG runs on the Gram block of a few features per class; one product with the full ``Q``
-  per round checks every feature against the optimality conditions and adds the violators.
+The answer is certified, not assumed: after the homotopy, the duality gap of every class is computed from
+the full problem (one product with the rows of Q on the support) and ``converged`` means
+``gap <= tol * max(objective, 0.01 ||L||_F^2)``; otherwise :class:`ConvergenceWarning` says why (the
+iteration limit, or a gap that rounding keeps above ``tol``) and what to do.
 
 Duality gap (SPGL1's form). For ``min_w 0.5 ||A w - b||^2 s.t. ||w||_1 <= tau`` with residual
 ``r = b - A w``, the dual objective at ``r`` is ``b^T r - 0.5 ||r||^2 - tau ||A^T r||_inf``, so
@@ -33,24 +43,39 @@ the optimum. It bounds the distance of the objective to the optimum.
 
 Conventions in the results: ``objective`` is the paper's ``||X^T w_j - l_j||^2`` (no factor 1/2) and ``gap``
 is the duality gap of that objective (twice the gap of the 1/2-scaled problem); ``relative_gap`` is their
-ratio, the same in either convention.
+ratio (with the floor above), the same in either convention.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from scipy.linalg.blas import dtrsv
+from scipy.linalg.lapack import dpotrf, dpotrs
+from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+from threadpoolctl import ThreadpoolController
 
-# Tuning of the solver (measured on descriptor-like problems, see benchmarks/bench_lasso.py): a face step
-# after a column kept its support for _FACE_AFTER iterations, on supports of at most _FACE_MAX features
-# (its cost is cubic in the support); the working set starts with, and grows by, _N_ADD features per class.
-_FACE_AFTER = 2
-_FACE_MAX = 2048
-_N_ADD = 32
+# A feature enters the active set only if its Gram column is not (numerically) in the span of the active
+# ones: the squared distance to that span must exceed this fraction of its squared norm. Scale-free, and far
+# above the 1e-16 that exact dependencies (blocks summing to one, low rank, more features than images) leave.
+_DEPENDENT = 1e-11
+# A class is certified when gap <= tol * max(objective, _FIT_FLOOR * ||L||_F^2): relative to the objective,
+# and absolute (1e-10 ||L||_F^2 at tol=1e-8) when the features fit the class (almost) exactly and the
+# objective is rounding (the gap is then mu ||Q w - q||_inf, rounding times mu).
+_FIT_FLOOR = 1e-2
 
-__all__ = ["GramAccumulator", "MuLassoResult", "project_l1_ball", "solve_mu_lasso", "mu_lasso_objective"]
+__all__ = ["ConvergenceWarning", "GramAccumulator", "MuLassoResult", "project_l1_ball", "solve_mu_lasso",
+           "mu_lasso_objective"]
+
+
+class ConvergenceWarning(_SklearnConvergenceWarning):
+    """:func:`solve_mu_lasso` could not certify its answer to ``tol``; the message says why and what to do.
+
+    A subclass of scikit-learn's ``ConvergenceWarning``, so filters written for scikit-learn apply too.
+    """
 
 
 def _check_radius(radius) -> float:
@@ -254,18 +279,24 @@ class MuLassoResult:
     gap : numpy.ndarray of shape (C,)
         Duality gap of that objective per class (an upper bound of ``objective - optimum``).
     relative_gap : numpy.ndarray of shape (C,)
-        ``gap / objective`` (the objective taken as at least 1e-4 of ``||l_j||^2``, so that a class fitted
-        almost exactly can converge).
+        ``gap / max(objective, 0.01 ||L||_F^2)``: relative to the objective, and absolute (in units of
+        ``||L||_F^2 = sum_j ||l_j||^2``) for a class the features fit (almost) exactly, whose objective is
+        only rounding.
     n_iter : int
-        Iterations done (one product with ``Q`` each).
+        Homotopy iterations (in each, one feature enters or leaves the support of every unfinished class).
     converged : bool
         True when every class reached ``relative_gap <= tol``.
     mu, tol : float
         The radius and the tolerance used.
     n_rounds : int
-        Working-set rounds (each ends with one check of every feature against the full Q).
+        Certificates computed from the full problem (1: at the end of the homotopy).
     n_working : int
-        Size of the final working set.
+        Number of features whose row of ``Q`` the solver read (the union of the supports it tried).
+    status : str
+        ``"converged"``; ``"max_iter"`` (the iteration limit was reached first); or ``"stalled"`` (the
+        homotopy ended, or cycled among ties, with a gap above ``tol``: rounding dominates).
+    message : str
+        Why it stopped, and what to do when it did not converge (the text of the warning).
     """
 
     W: np.ndarray
@@ -278,16 +309,8 @@ class MuLassoResult:
     tol: float
     n_rounds: int = 1
     n_working: int = 0
-
-
-def _qmul(Q: np.ndarray, M: np.ndarray, dense_fraction: float = 0.5) -> np.ndarray:
-    """``Q @ M`` for symmetric ``Q``, reading only the rows of ``Q`` where ``M`` has a nonzero row."""
-    rows = np.flatnonzero(np.any(M != 0, axis=1))
-    if rows.size >= dense_fraction * Q.shape[0]:
-        return Q @ M
-    if rows.size == 0:
-        return np.zeros((Q.shape[0], M.shape[1]))
-    return Q[rows].T @ M[rows]
+    status: str = "converged"
+    message: str = ""
 
 
 def _half_objective(W, QW, q, lsq):
@@ -312,7 +335,8 @@ def _gram_arrays(gram, q, lsq):
         return gram.Q, gram.q, gram.lsq
     if q is None or lsq is None:
         raise TypeError("solve_mu_lasso needs a GramAccumulator, or Q together with q and lsq")
-    Q = np.asarray(gram, dtype=np.float64)
+    # asanyarray: an array subclass that serves rows of Q (a later streamed Q) stays what it is
+    Q = np.asanyarray(gram, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     lsq = np.asarray(lsq, dtype=np.float64)
     if q.ndim == 1:
@@ -326,68 +350,250 @@ def _gram_arrays(gram, q, lsq):
     return Q, q, lsq
 
 
-def _solve_or_lstsq(A, b):
-    """``A x = b``; the least-norm least-squares solution when ``A`` is singular (features in a null space of
-    the Gram matrix, or fewer images than features)."""
-    try:
-        return np.linalg.solve(A, b)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(A, b, rcond=None)[0]
+class _Homotopy:
+    """The lasso homotopies of all classes, in lock-step: for class j from ``lambda = max|q_j|`` (w = 0) down
+    to the ``lambda`` where ``||w_j(lambda)||_1 = mu``.
 
+    Per class: the active features ``idx`` with their signs ``s``, the lower Cholesky factor ``R`` of
+    ``Q[idx, idx]`` and the current ``lam``. On an active set, ``w(lambda) = u - lambda dw`` with
+    ``Q_AA u = q_A`` and ``Q_AA dw = s``, and the correlations ``c = q - Q w`` are ``b + lambda a`` with
+    ``b = q - Q_A u`` and ``a = Q_A dw``. Each event (a feature whose ``|c_i|`` reaches ``lambda`` enters, a
+    weight that reaches zero leaves, the L1 norm reaches ``mu``, or ``lambda`` reaches 0) is the root of a
+    linear function, computed afresh on every step from ``u`` and ``dw`` (nothing accumulates).
 
-def _face_steps(Q, q, W, mu, cols, max_drops: int = 8):
-    """Active-set steps on the current faces of columns ``cols`` of ``W`` (SPGL1's subspace minimisation).
-
-    On the face where the support S and the signs s of ``w`` stay fixed, the minimiser solves the KKT system
-    ``Q_SS w_S + lambda s = q_S, s^T w_S = mu`` (or ``Q_SS w_S = q_S`` when that gives ``lambda < 0``, i.e. the
-    minimiser lies inside the ball). Move towards it as far as no sign changes; the coordinate that reaches
-    zero first leaves the support. Projected-gradient steps alone crawl once the support is found, because
-    the descriptors' Gram matrix is ill-conditioned (it is even singular: every L1-normalised block sums to
-    one); this step lands on the exact optimum once the support is right.
-
-    Returns the new columns, shape (m, len(cols)).
+    The columns of Q of every feature some class tried are kept in ``QU`` (the only part of Q ever read), so
+    that one matrix product gives ``b`` and ``a`` of every class.
     """
-    out = W[:, cols].copy()
-    for k, j in enumerate(cols):
-        w = out[:, k]
-        # A few primal active-set steps: solve on the face; if a sign would flip, stop where the first
-        # coordinate reaches zero, drop it, and solve again on the smaller face.
-        for _ in range(max_drops):
-            S = np.flatnonzero(w)
-            if S.size == 0:
-                break
-            s = np.sign(w[S])
-            QSS = Q[np.ix_(S, S)]
-            n = S.size
-            K = np.zeros((n + 1, n + 1))
-            K[:n, :n] = QSS
-            K[:n, n] = s
-            K[n, :n] = s
-            sol = _solve_or_lstsq(K, np.append(q[S, j], mu))
-            target, lam = sol[:n], sol[n]
-            if lam < 0:
-                target = _solve_or_lstsq(QSS, q[S, j])
-                if np.all(np.isfinite(target)) and np.abs(target).sum() <= mu:
-                    w[S] = target  # least squares on S fits inside the ball: signs are free there
-                    break
-            if not np.all(np.isfinite(target)):
-                break
-            wS = w[S]
-            flips = s * target <= 0
-            if not flips.any():
-                w[S] = target
-                break
-            ratios = wS[flips] / (wS[flips] - target[flips])
-            new = wS + ratios.min() * (target - wS)
-            new[s * new <= 0] = 0.0
-            new[np.flatnonzero(flips)[np.argmin(ratios)]] = 0.0  # the first to reach zero leaves exactly
-            w[S] = new
-    # Rounding can leave a column a hair outside the ball.
-    return _project(out, mu)
+
+    def __init__(self, Q, q, mu, W0=None):
+        m, C = q.shape
+        self.Q, self.q, self.mu = Q, q, mu
+        self.diag = np.array(np.diagonal(Q))  # a plain copy, whatever array type serves Q
+        self.eligible = self.diag > 0  # a feature that is zero on every image can never enter
+        self.pos = np.full(m, -1)  # column of feature i in QU
+        self.QU = np.zeros((m, min(m, 16)))
+        self.nU = 0
+        self.active = np.zeros((m, C), dtype=bool)
+        self.blocked = np.zeros((m, C), dtype=bool)  # numerically dependent on the active set, until a drop
+        self.idx = [np.zeros(0, dtype=np.intp) for _ in range(C)]
+        self.s = [np.zeros(0) for _ in range(C)]
+        self.R = [np.zeros((0, 0)) for _ in range(C)]
+        self.lam = np.zeros(C)
+        self.done = np.zeros(C, dtype=bool)
+        self.cycling = np.zeros(C, dtype=bool)
+        self.steps_at_lam = np.zeros(C, dtype=int)
+        self.last_added = np.full(C, -1)
+        self.last_dropped = np.full(C, -1)
+        self.dropped_sign = np.zeros(C)
+        self.W = np.zeros((m, C))
+        for j in range(C):
+            if W0 is None or not np.any(W0[:, j]) or not self._resume(j, W0[:, j]):
+                self._start(j, np.inf)
+
+    # --- the stored columns of Q ---------------------------------------------------------------------------
+    def _columns(self, features) -> np.ndarray:
+        """Positions in QU of ``features``, reading the rows of Q (= its columns) not stored yet."""
+        features = np.asarray(features, dtype=np.intp)
+        new = features[self.pos[features] < 0]
+        if new.size:
+            new = np.unique(new)
+            if self.nU + new.size > self.QU.shape[1]:  # amortised growth
+                grown = np.zeros((self.QU.shape[0], max(2 * self.QU.shape[1], self.nU + new.size)))
+                grown[:, :self.nU] = self.QU[:, :self.nU]
+                self.QU = grown
+            self.QU[:, self.nU:self.nU + new.size] = self.Q[new].T
+            self.pos[new] = np.arange(self.nU, self.nU + new.size)
+            self.nU += new.size
+        return self.pos[features]
+
+    def _gram(self, j) -> np.ndarray:
+        idx = self.idx[j]
+        return self.QU[idx][:, self.pos[idx]]
+
+    # --- changes of an active set --------------------------------------------------------------------------
+    def _start(self, j, lam_cap):
+        q = self.q[:, j]
+        corr = np.where(self.eligible, np.abs(q), 0.0)
+        i = int(np.argmax(corr)) if corr.size else 0
+        self.W[:, j] = 0.0
+        if corr.size == 0 or corr[i] <= 0:
+            self.done[j] = True  # no feature correlates with the class: w = 0 is optimal
+            return
+        self.lam[j] = min(lam_cap, float(corr[i]))
+        self._add(j, i, float(np.sign(q[i])))
+
+    def _resume(self, j, w0) -> bool:
+        """Continue the path from ``w0`` when it is a point of it (a solution for a smaller radius, as along
+        :func:`vefi.selection.selection_path`): the penalised optimality conditions hold at some lambda."""
+        S = np.flatnonzero(w0)
+        if not self.eligible[S].all():
+            return False
+        cols = self._columns(S)
+        c = self.q[:, j] - self.QU[:, cols] @ w0[S]
+        lam = float(np.abs(c).max())
+        s = np.sign(w0[S])
+        if not lam > 0 or np.abs(c[S] - lam * s).max() > 1e-6 * lam:
+            return False
+        R, info = dpotrf(self.QU[S][:, cols], lower=1, clean=1)
+        if info != 0:
+            return False
+        self.idx[j], self.s[j], self.R[j] = S, s, R
+        self.active[S, j] = True
+        self.lam[j] = lam
+        self.W[:, j] = w0
+        return True
+
+    def _add(self, j, i, sign) -> None:
+        (col,) = self._columns([i])
+        idx, R = self.idx[j], self.R[j]
+        k = idx.size
+        if k:
+            ell = dtrsv(R, self.QU[idx, col], lower=1)
+            d2 = self.diag[i] - ell @ ell
+        else:
+            ell, d2 = np.zeros(0), self.diag[i]
+        if not d2 > _DEPENDENT * self.diag[i]:
+            # x_i is (numerically) in the span of the active features: its correlation moves with theirs, and
+            # adding it would make Q_AA singular (where SPAMS returns NaN). It stays out until a drop.
+            self.blocked[i, j] = True
+            return
+        new = np.zeros((k + 1, k + 1))
+        new[:k, :k] = R
+        new[k, :k] = ell
+        new[k, k] = np.sqrt(d2)
+        self.R[j] = new
+        self.idx[j] = np.append(idx, i)
+        self.s[j] = np.append(self.s[j], sign)
+        self.active[i, j] = True
+        self.last_added[j] = i
+
+    def _drop(self, j, p) -> None:
+        i = self.idx[j][p]
+        self.dropped_sign[j] = self.s[j][p]
+        self.idx[j] = np.delete(self.idx[j], p)
+        self.s[j] = np.delete(self.s[j], p)
+        self.active[i, j] = False
+        self.W[i, j] = 0.0
+        self.last_dropped[j] = i
+        self.blocked[:, j] = False  # a feature dependent on the old set may not be on the smaller one
+        # A principal submatrix of a positive definite matrix: refactor (simpler than a downdate; drops are
+        # rarer than additions).
+        if self.idx[j].size:
+            R, info = dpotrf(self._gram(j), lower=1, clean=1)
+            if info != 0:  # lost definiteness to rounding: stop this class, the certificate will tell
+                self.done[j] = self.cycling[j] = True
+            self.R[j] = R
+        else:
+            self.R[j] = np.zeros((0, 0))
+
+    def _directions(self, j, refine=False):
+        idx = self.idx[j]
+        rhs = np.column_stack([self.q[idx, j], self.s[j]])
+        U, _ = dpotrs(self.R[j], rhs, lower=1)
+        if refine:  # one step of iterative refinement against Q itself, for the final answer
+            U += dpotrs(self.R[j], rhs - self._gram(j) @ U, lower=1)[0]
+        return U[:, 0], U[:, 1]
+
+    def _finish(self, j, lam) -> None:
+        u, dw = self._directions(j, refine=True)
+        w = u - lam * dw
+        norm = np.abs(w).sum()
+        if norm > self.mu:  # rounding: the solution is on the sphere, a few ulps out
+            w *= self.mu / norm
+        self.W[:, j] = 0.0
+        self.W[self.idx[j], j] = w
+        self.lam[j] = lam
+        self.done[j] = True
+
+    # --- one event for every unfinished class --------------------------------------------------------------
+    def step(self) -> None:
+        for j in np.flatnonzero(~self.done):
+            if not self.idx[j].size:  # every feature left (only through rounding): start again from w = 0
+                self._start(j, self.lam[j])
+        J = np.flatnonzero(~self.done & np.array([i.size > 0 for i in self.idx]))
+        if not J.size:
+            return
+        dirs = [self._directions(j) for j in J]
+        M = np.zeros((self.nU, 2 * J.size))
+        for c, j in enumerate(J):
+            rows = self.pos[self.idx[j]]
+            M[rows, 2 * c], M[rows, 2 * c + 1] = dirs[c]
+        B = self.QU[:, :self.nU] @ M
+        b, a = self.q[:, J] - B[:, 0::2], B[:, 1::2]
+        lam = self.lam[J]
+        # Entering: |c_i(lambda')| = lambda' with sign +1 at b_i / (1 - a_i), with sign -1 at -b_i / (1 + a_i)
+        # (when the denominator is positive; otherwise |c_i| falls at least as fast as lambda); a feature
+        # already above lambda (rounding at a tie) enters now.
+        c_now = b + lam * a
+        t_pos = np.full_like(b, -np.inf)
+        t_neg = np.full_like(b, -np.inf)
+        np.divide(b, 1.0 - a, out=t_pos, where=a < 1.0)
+        np.divide(-b, 1.0 + a, out=t_neg, where=a > -1.0)
+        t_pos = np.where(c_now > lam, lam, np.minimum(t_pos, lam))
+        t_neg = np.where(-c_now > lam, lam, np.minimum(t_neg, lam))
+        # A feature that just left does not enter again at once with the sign it left with (that would undo
+        # the step: rounding at a tie); with the other sign it may (a drop that rounding got wrong).
+        dropped = self.last_dropped[J]
+        cols = np.flatnonzero(dropped >= 0)
+        rows = dropped[cols]
+        for t, sigma in ((t_pos, 1.0), (t_neg, -1.0)):
+            same = self.dropped_sign[J][cols] == sigma
+            t[rows[same], cols[same]] = np.where(t[rows[same], cols[same]] < lam[cols[same]] * (1 - 1e-9),
+                                                 t[rows[same], cols[same]], -np.inf)
+        t_in = np.maximum(t_pos, t_neg)
+        t_in[~(self.eligible[:, None] & ~self.active[:, J] & ~self.blocked[:, J])] = -np.inf
+        i_in = np.argmax(t_in, axis=0)
+        cols = np.arange(J.size)
+        lam_in = t_in[i_in, cols]
+        sign_in = np.where(t_pos[i_in, cols] >= t_neg[i_in, cols], 1.0, -1.0)
+        for c, j in enumerate(J):
+            u, dw = dirs[c]
+            s, lj = self.s[j], lam[c]
+            # The L1 norm s^T (u - lambda dw) reaches mu at lam_mu (s^T dw = s^T Q_AA^-1 s > 0).
+            nd = float(s @ dw)
+            lam_mu = (float(s @ u) - self.mu) / nd if nd > 0 else -np.inf
+            # Leaving: w_i moves towards zero (s_i dw_i < 0) and reaches it at u_i / dw_i.
+            leaving = s * dw < 0
+            leaving[self.idx[j] == self.last_added[j]] = False  # it just entered at zero
+            t_drop = np.full(s.size, -np.inf)
+            np.divide(u, dw, out=t_drop, where=leaving)
+            p = int(np.argmax(t_drop))
+            lam_drop = min(float(t_drop[p]), lj)
+            event = max(lam_drop, float(lam_in[c]), 0.0)
+            if lam_mu >= event or event <= 0.0:
+                self._finish(j, min(max(lam_mu, 0.0), lj))
+                continue
+            self.steps_at_lam[j] = self.steps_at_lam[j] + 1 if event >= lj else 0
+            if self.steps_at_lam[j] > 2 * self.q.shape[0] + 10:  # cycling among ties: the certificate decides
+                self.done[j] = self.cycling[j] = True
+                continue
+            self.W[self.idx[j], j] = u - event * dw
+            self.lam[j] = event
+            self.last_added[j] = self.last_dropped[j] = -1
+            if lam_drop >= lam_in[c]:
+                self._drop(j, p)
+            else:
+                self._add(j, int(i_in[c]), float(sign_in[c]))
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The BLAS libraries loaded, found once (finding them costs more than solving a small problem)."""
+    return ThreadpoolController()
+
+
+def _full_gap(Q, q, lsq, mu, W):
+    """Objective (1/2 convention), gap and relative gap of the full problem, reading the rows of Q where W
+    is nonzero only."""
+    U = np.flatnonzero(np.any(W != 0, axis=1))
+    G = Q[U].T @ W[U] - q  # Q symmetric: the rows U of Q are its columns U
+    f = 0.5 * np.einsum("ij,ij->j", W[U], G[U] - q[U]) + 0.5 * lsq
+    gap = np.maximum(np.einsum("ij,ij->j", W[U], G[U]) + mu * np.abs(G).max(axis=0), 0.0)
+    return f, gap, gap / np.maximum(f, _FIT_FLOOR * 0.5 * lsq.sum())
 
 
 def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-8, max_iter: int = 10000,
-                   W0=None, n_prev: int = 10, gamma: float = 1e-4, callback=None) -> MuLassoResult:
+                   W0=None, callback=None) -> MuLassoResult:
     """Solve ``min ||X^T w_j - l_j||^2 s.t. ||w_j||_1 <= mu`` for every class j, from the Gram pair.
 
     Parameters
@@ -401,17 +607,13 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     lsq : array_like of shape (C,), optional
         ``||l_j||^2`` per class, when ``gram`` is the matrix ``Q``.
     tol : float
-        Stop when ``gap / objective <= tol`` for every class; ``objective - optimum`` is then at most
-        ``tol * objective``.
+        Certify every class to ``gap <= tol * max(objective, 0.01 ||L||_F^2)``: ``objective - optimum`` is
+        then at most ``tol`` times the objective (or ``0.01 tol ||L||_F^2`` for a class fitted almost exactly).
     max_iter : int
-        Most projected-gradient iterations (each one product ``Q @ D`` restricted to the nonzero rows of
-        ``D``).
+        Most iterations (homotopy events: about one per feature entering or leaving a support).
     W0 : array_like of shape (m, C), optional
-        Warm start; projected onto the constraint first. Default: zero.
-    n_prev : int
-        Length of the objective memory of the non-monotone line search (SPG2 uses 10, SPGL1 3).
-    gamma : float
-        Sufficient-decrease parameter of the line search.
+        Warm start, projected onto the constraint first: a class whose ``w0`` is a point of its homotopy path
+        (the solution for a smaller radius) continues from there, any other starts from zero.
     callback : callable, optional
         Called as ``callback(iteration, W, relative_gap)`` after every iteration with the full (m, C) iterate
         and the relative duality gap of the full problem per class (costs one product with Q per call: for
@@ -421,14 +623,10 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     -------
     MuLassoResult
 
-    Notes
+    Warns
     -----
-    One iteration, for all unconverged columns at once: ``D = P(W - alpha G) - W`` with the BB step
-    ``alpha``; accept ``W + D`` if its objective is below the largest of the last ``n_prev`` objectives plus
-    ``gamma g^T d``, else take the exact minimiser along ``D`` (the objective is quadratic, so neither costs
-    a product with ``Q``); the next ``alpha`` is ``s^T s / s^T y = d^T d / d^T Q d``. When a column keeps the
-    same support and signs for two iterations, an active-set step on that face follows (see SPGL1's
-    subspace minimisation), which ends the iterations once the support is right.
+    ConvergenceWarning
+        When some class is not certified to ``tol``; the message says why and what to do.
 
     Examples
     --------
@@ -436,8 +634,8 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     >>> rng = np.random.default_rng(0)
     >>> X, y = rng.random((200, 20)), rng.integers(0, 3, 200)
     >>> res = solve_mu_lasso(GramAccumulator.from_data(X, np.eye(3)[y]), mu=1.0)
-    >>> res.converged, res.W.shape, bool(np.all(np.abs(res.W).sum(0) <= 1 + 1e-9))
-    (True, (20, 3), True)
+    >>> res.converged, res.status, res.W.shape, bool(np.all(np.abs(res.W).sum(0) <= 1 + 1e-9))
+    (True, 'converged', (20, 3), True)
     """
     mu = _check_radius(mu)
     Q, q, lsq = _gram_arrays(gram, q, lsq)
@@ -453,170 +651,53 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     if empty.size:
         raise ValueError(f"target column(s) {empty.tolist()} are all zero: a class without examples?")
     m, C = q.shape
-
-
     if W0 is not None:
         W0 = np.asarray(W0, dtype=np.float64)
         if W0.shape != (m, C):
             raise ValueError(f"W0 must have shape {(m, C)}, got {W0.shape}")
         if not np.all(np.isfinite(W0)):
             raise ValueError("W0 contains NaN or Inf")
-    # The iterations are many small products and solves; a second BLAS thread only adds synchronisation
-    # (10x slower small solves on a busy 2-core machine) and the products with Q are memory-bound anyway.
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _solve(Q, q, lsq, mu, tol, int(max_iter), W0, n_prev, gamma, callback)
+        W0 = _project(W0, mu)
+    # The iterations are small products and triangular solves; a second BLAS thread only adds
+    # synchronisation, and one thread makes the result independent of the thread count.
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        res = _solve(Q, q, lsq, mu, float(tol), int(max_iter), W0, callback)
+    if not res.converged:
+        warnings.warn(res.message, ConvergenceWarning, stacklevel=2)
+    return res
 
 
-def _full_gap(Q, q, lsq, mu, W, U, f_floor):
-    """Objective (1/2 convention), gap and relative gap of the full problem for ``W`` supported on rows U."""
-    QW = Q[U].T @ W[U]  # Q symmetric: the rows U of Q are its columns U
-    G = QW - q
-    f = _half_objective(W, QW, q, lsq)
-    gap = np.maximum(np.einsum("ij,ij->j", W, G) + mu * np.abs(G).max(axis=0), 0.0)
-    return f, gap, gap / np.maximum(f, f_floor), G
-
-
-def _solve(Q, q, lsq, mu, tol, max_iter, W0, n_prev, gamma, callback=None) -> MuLassoResult:
-    """The working-set loop around :func:`_spg`; inputs already checked."""
+def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback) -> MuLassoResult:
+    """The homotopies of all classes in lock-step and the certificate; inputs checked."""
     m, C = q.shape
-    W = np.zeros((m, C)) if W0 is None else _project(W0, mu)
-    # The gap is relative to the objective, but not to less than 1e-4 of the objective at w = 0: when a class
-    # can be fitted (almost) exactly the gap shrinks like the residual, the objective like its square.
-    f_floor = 1e-4 * 0.5 * lsq
-
-    # Working set: the support so far plus, per class, the features with the largest gradient. The SPG runs on
-    # the working set's small Gram block; one product with the full Q checks every feature and adds the
-    # violators of the optimality conditions, until the full problem's duality gap is below tol.
-    work = np.zeros(m, dtype=bool)
-    work[np.any(W != 0, axis=1)] = True
-    G = _qmul(Q, W) - q
-    n_add = _N_ADD
-    it, rounds = 0, 0
-    while True:
-        rounds += 1
-        outside = np.flatnonzero(~work)
-        if outside.size:
-            score = np.abs(G[outside])
-            lam = np.abs(G[work]).max(axis=0) if work.any() else np.zeros(C)
-            score[score <= lam] = 0.0  # only violators of |g_i| <= lambda enter
-            k = min(n_add, outside.size)
-            top = np.argpartition(-score, k - 1, axis=0)[:k]
-            picked = np.unique(top[score[top, np.arange(C)] > 0])
-            work[outside[picked]] = True
-            if rounds > 1 and picked.size == 0:
-                break  # no feature outside violates optimality: the gap left is the working set's own
-        elif rounds > 1:
-            break
-        U = np.flatnonzero(work)
-        if U.size == 0:  # no feature correlates with any class: w = 0 is optimal
-            f, gap, rel, G = _full_gap(Q, q, lsq, mu, W, U, f_floor)
-            break
-        QU = Q[np.ix_(U, U)]
-        report = None
-        if callback is not None:
-            def report(i, WU, U=U, start=it):
-                full = np.zeros((m, C))
-                full[U] = WU
-                callback(start + i, full, _full_gap(Q, q, lsq, mu, full, U, f_floor)[2])
-        WU, n_it = _spg(QU, q[U], lsq, mu, W[U], tol, max_iter - it, n_prev, gamma, f_floor, report)
-        it += n_it
-        W[:] = 0.0
-        W[U] = WU
-        f, gap, rel, G = _full_gap(Q, q, lsq, mu, W, U, f_floor)
-        if np.all(rel <= tol) or it >= max_iter or work.all():
-            break
-        # Grow geometrically, so a dense solution needs few rounds.
-        n_add = max(n_add, int(np.count_nonzero(W, axis=0).max()))
-    return MuLassoResult(W=W, objective=2.0 * f, gap=2.0 * gap, relative_gap=rel, n_iter=it,
-                         converged=bool(np.all(rel <= tol)), mu=mu, tol=float(tol), n_rounds=rounds,
-                         n_working=int(work.sum()))
-
-
-def _spg(Q, q, lsq, mu, W, tol, max_iter, n_prev, gamma, f_floor, report=None):
-    """The spectral projected gradient iterations on one (working-set) problem; returns ``(W, iterations)``."""
-    m, C = q.shape
-    W = W.copy()
-    QW = _qmul(Q, W)
-    G = QW - q
-    f = _half_objective(W, QW, q, lsq)
-    # Scale-aware safeguards for the BB step (1/trace(Q) <= 1/lambda_max is always a safe step).
-    scale = float(np.trace(Q)) or 1.0
-    step_min, step_max = 1e-10 / scale, 1e10 / scale
-    D0 = _project(W - G, mu) - W
-    dmax = np.abs(D0).max(axis=0)
-    step = np.where(dmax > 0, np.clip(1.0 / np.maximum(dmax, 1e-300), step_min, step_max), step_max)
-    fhist = np.full((max(int(n_prev), 1), C), -np.inf)
-    fhist[0] = f
-    frozen = np.zeros(C, dtype=bool)  # stalled at a fixed point where the face step did not help
-    signs = np.sign(W).astype(np.int8)
-    stable = np.zeros(C, dtype=int)  # iterations since the support and signs last changed
-    face_tried = np.zeros(C, dtype=bool)  # a face step was taken on the current support
-
-    def refresh(cols):
-        QW[:, cols] = _qmul(Q, W[:, cols])
-        G[:, cols] = QW[:, cols] - q[:, cols]
-        f[cols] = _half_objective(W[:, cols], QW[:, cols], q[:, cols], lsq[cols])
-
-    it, refreshed_at = 0, 0
-    while True:
-        gap = np.einsum("ij,ij->j", W, G) + mu * np.abs(G).max(axis=0)
-        rel = gap / np.maximum(f, f_floor)
-        active = np.flatnonzero((rel > tol) & ~frozen)
-        if active.size == 0 or it >= max_iter:
-            if refreshed_at == it:
-                break
-            refresh(slice(None))  # recompute Q W exactly before trusting the updated gap
-            refreshed_at = it
-            continue
-        if it - refreshed_at >= 200:
-            refresh(active)
-            refreshed_at = it
+    path = _Homotopy(Q, q, mu, W0)
+    it = 0
+    while it < max_iter and not path.done.all():
         it += 1
-        a = slice(None) if active.size == C else active
-        Wa, Ga = W[:, a], G[:, a]
-        D = _project(Wa - step[a] * Ga, mu) - Wa
-        QD = _qmul(Q, D)
-        gtd = np.einsum("ij,ij->j", Ga, D)
-        dqd = np.einsum("ij,ij->j", D, QD)
-        dd = np.einsum("ij,ij->j", D, D)
-        stalled = (dd == 0) | (gtd >= 0)
-        # Non-monotone test of the full step, else the exact minimiser along D (f is quadratic in the step).
-        fmax = fhist[:, a].max(axis=0)
-        full = f[a] + gtd + 0.5 * dqd <= fmax + gamma * gtd
-        with np.errstate(divide="ignore", invalid="ignore"):
-            exact = np.clip(-gtd / dqd, 0.0, 1.0)
-            bb = np.where(dqd > 0, dd / dqd, step_max)  # s^T s / s^T y with s = lam d, y = lam Q d
-        lam = np.where(full | (dqd <= 0), 1.0, exact)
-        lam[stalled] = 0.0
-        W[:, a] = Wa + lam * D
-        QW[:, a] += lam * QD
-        G[:, a] = QW[:, a] - q[:, a]
-        f[a] = _half_objective(W[:, a], QW[:, a], q[:, a], lsq[a])
-        fhist[it % fhist.shape[0], a] = f[a]
-        step[a] = np.clip(bb, step_min, step_max)
-
-        new_signs = np.sign(W[:, a]).astype(np.int8)
-        same = np.all(new_signs == signs[:, a], axis=0)
-        signs[:, a] = new_signs
-        stable[active] = np.where(same, stable[active] + 1, 0)
-        face_tried[active[~same]] = False
-        small = np.count_nonzero(W[:, active], axis=0) <= _FACE_MAX
-        frozen[active[stalled & (face_tried[active] | ~small)]] = True
-        cols = active[((stable[active] >= _FACE_AFTER) | stalled) & ~face_tried[active] & small]
-        if cols.size:
-            new = _face_steps(Q, q, W, mu, cols)
-            dW = new - W[:, cols]
-            dQW = _qmul(Q, dW)
-            f_new = _half_objective(new, QW[:, cols] + dQW, q[:, cols], lsq[cols])
-            better = f_new <= f[cols]
-            keep = cols[better]
-            W[:, keep] = new[:, better]
-            QW[:, keep] += dQW[:, better]
-            G[:, keep] = QW[:, keep] - q[:, keep]
-            f[keep] = f_new[better]
-            fhist[it % fhist.shape[0], keep] = f[keep]
-            face_tried[cols] = True
-            signs[:, keep] = np.sign(W[:, keep]).astype(np.int8)
-        if report is not None:
-            report(it, W)
-    return W, it
+        path.step()
+        if callback is not None:
+            callback(it, path.W.copy(), _full_gap(Q, q, lsq, mu, path.W)[2])
+    W = path.W
+    f, gap, rel = _full_gap(Q, q, lsq, mu, W)
+    unfinished = ~path.done
+    status, message = "converged", f"certified: relative duality gap {rel.max(initial=0):.1e} <= tol={tol:g}"
+    if np.any(rel > tol):
+        bad = np.flatnonzero(rel > tol)
+        if unfinished[bad].any():
+            status = "max_iter"
+            n_act = max(path.idx[j].size for j in bad)
+            message = (f"mu-Lasso reached the iteration limit max_iter={max_iter} before the homotopy of "
+                       f"class(es) {bad.tolist()} ended (relative duality gap {rel[bad].max():.2e} > tol={tol:g}; "
+                       f"{n_act} features active): raise max_iter (each iteration adds or removes one feature, "
+                       f"so about twice the expected support size suffices)")
+        else:
+            status = "stalled"
+            how = ("cycled among tied features at one lambda: the gap stopped decreasing"
+                   if path.cycling[bad].any() else "ended")
+            message = (f"mu-Lasso stalled: the homotopy of class(es) {bad.tolist()} {how} with a relative duality "
+                       f"gap of {rel[bad].max():.2e} > tol={tol:g}; rounding dominates (a Gram matrix with a condition "
+                       f"number near 1/eps): rescale the features (e.g. standardise the columns of X), or "
+                       f"accept a larger tol, or report the problem")
+    return MuLassoResult(W=W, objective=2.0 * f, gap=2.0 * gap, relative_gap=rel, n_iter=it,
+                         converged=status == "converged", mu=mu, tol=tol, n_rounds=1,
+                         n_working=path.nU, status=status, message=message)

@@ -14,7 +14,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 
-__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer"]
+__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "check_images", "check_scores"]
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv2d, "conv"),
@@ -152,11 +152,39 @@ def resolve_layer(layers: list[Layer], key: int | str | Layer) -> Layer:
     raise ValueError(f"unknown layer {key!r}; this model has layers {known}")
 
 
-def check_images(images, expected=None) -> torch.Tensor:
+def _model_placement(model: nn.Module):
+    """The (dtype, device) of a model's first floating parameter (else buffer), or None for neither."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return None
+
+
+def check_images(images, expected=None, *, model: nn.Module | None = None, convert: bool = False) -> torch.Tensor:
     """A batch of images as every tool of vefi takes it: a float tensor (n, C, H, W) of finite values.
 
-    One image (C, H, W) becomes a batch of one. ``expected`` is the shape of one image, ``(C, H, W)``, or a
-    model with an ``input_shape`` attribute (then its shape is checked), or None.
+    One image (C, H, W) becomes a batch of one.
+
+    Parameters
+    ----------
+    images : Tensor
+    expected : tuple of int, torch.nn.Module or None
+        The shape of one image, ``(C, H, W)``, or a model with an ``input_shape`` attribute (then its shape
+        is checked). A model given here is also the ``model`` whose dtype and device the images must match.
+    model : torch.nn.Module, optional
+        The model the images go to. Images of another floating dtype or on another device than the model's
+        parameters are refused (torch's own error names neither), unless ``convert``.
+    convert : bool
+        Move the images to the model's dtype and device instead: the choice of tools that stream data
+        batch by batch and return results on the CPU (descriptors, explain, the metrics), where the data
+        come from a loader rather than from the model's device.
+
+    Raises
+    ------
+    TypeError
+        Not a tensor, not floating point, or another dtype than the model's.
+    ValueError
+        Wrong shape, empty, NaN or Inf, or another device than the model's.
 
     Examples
     --------
@@ -166,8 +194,13 @@ def check_images(images, expected=None) -> torch.Tensor:
     Traceback (most recent call last):
     ...
     ValueError: images must have shape (N, 1, 28, 28) for this model, got (2, 3, 28, 28)
+    >>> check_images(torch.zeros(1, 1, 2, 2, dtype=torch.float64), model=nn.Linear(2, 2))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: images are torch.float64 but the model's parameters are torch.float32: pass images.to(...
     """
     if isinstance(expected, nn.Module):
+        model = expected if model is None else model
         expected = getattr(expected, "input_shape", None)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
@@ -181,7 +214,51 @@ def check_images(images, expected=None) -> torch.Tensor:
     if images.shape[0] == 0:
         raise ValueError("images is empty (no image in the batch)")
     if not images.is_floating_point():
-        raise TypeError(f"images must be floating point (pixels in [0, 1]), got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
+        raise TypeError(f"images must be floating-point (pixels in [0, 1]), got dtype {images.dtype}")
+    placement = _model_placement(model) if model is not None else None
+    if placement is not None:
+        dtype, device = placement
+        if convert:
+            images = images.to(device=device, dtype=dtype)
+        elif images.dtype != dtype:
+            raise TypeError(f"images are {images.dtype} but the model's parameters are {dtype}: pass "
+                            f"images.to({dtype}) (or convert the model, e.g. model.to({images.dtype}))")
+        elif images.device != device:
+            raise ValueError(f"images are on device {images.device} but the model is on {device}: pass "
+                             f"images.to({str(device)!r}) (or move the model, model.to({str(images.device)!r}))")
+    if images.device.type != "meta" and not torch.isfinite(images).all():
         raise ValueError("images contain NaN or Inf values")
     return images
+
+
+def check_scores(output, n: int | None = None) -> torch.Tensor:
+    """What a model returned, as every tool of vefi needs it: a tensor of class scores (n, classes).
+
+    Models that return a tuple (torchvision's GoogLeNet and Inception in training mode) or a dict (models in
+    the style of Hugging Face's) are refused with a message saying what came and how to wrap the model.
+
+    Examples
+    --------
+    >>> check_scores(torch.zeros(2, 10), 2).shape
+    torch.Size([2, 10])
+    >>> check_scores({"logits": torch.zeros(2, 10)})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: the model returned a dict with keys ['logits'] instead of a tensor of class scores (n, classes): ...
+    """
+    if not isinstance(output, torch.Tensor):
+        if isinstance(output, dict):
+            what, pick = f"a dict with keys {list(output)}", f"model(x)[{next(iter(output), 'logits')!r}]"
+        elif isinstance(output, (tuple, list)):
+            parts = ", ".join(f"Tensor {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
+                              for o in output)
+            what, pick = f"a {type(output).__name__} of {len(output)} ({parts})", "model(x)[0]"
+        else:
+            what, pick = f"a {type(output).__name__}", "model(x).logits"
+        raise TypeError(f"the model returned {what} instead of a tensor of class scores (n, classes): wrap "
+                        f"it in a module whose forward returns the logits tensor, e.g. {pick}")
+    if output.dim() != 2 or (n is not None and output.shape[0] != n):
+        rows = "n" if n is None else str(n)
+        raise ValueError(f"the model must return class scores of shape ({rows}, classes), got "
+                         f"{tuple(output.shape)}: wrap it in a module whose forward returns them")
+    return output

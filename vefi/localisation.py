@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vefi._cache import load_arrays, save_arrays
+from vefi._cache import check_arrays, load_arrays, save_arrays
 from vefi._progress import progress
 from vefi.config import data_dir
 from vefi.data import load_dataset
@@ -331,7 +331,8 @@ def localisation_study(name: str, method: str, *, mu: float = 10.0, n_images: in
     study = _study("localisation", "iou", name, method, mu, n_images, seed, options, target=target,
                    thresholds=[round(float(t), 10) for t in thresholds])
     idx, uses_mu = study.idx, study.uses_mu
-    stored = load_arrays(study.path) if use_cache else None
+    spec = {"iou": (np.float64, (len(idx), len(thresholds))), "seconds": (np.float64, ())}
+    stored = load_arrays(study.path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
     if stored is not None:
         return LocalisationResult(name, method, float(mu) if uses_mu else None, thresholds, stored["iou"],
                                   len(idx), float(stored["seconds"]), True)

@@ -50,13 +50,16 @@ torch.Size([2, 1, 28, 28])
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
+from vefi.backproject import NonlinearityGuard
 from vefi.heatmaps import _resolve_target
 from vefi.layers import check_images
 
@@ -70,6 +73,8 @@ _GRADIENT = (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity, nn.MaxP
              nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _IDENTITY = (nn.LocalResponseNorm,)
 _ELEMENTWISE = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SUPPORTED = ("Conv2d, Linear, ReLU (module, in place or functional), MaxPool2d, AvgPool2d, Flatten, Dropout, "
+              "BatchNorm, LocalResponseNorm")
 
 
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,16 +189,40 @@ def _check_rules(rule, conv_rule, dense_rule, first_rule) -> None:
         raise ValueError("z^B is for the first layer only: pass it as first_rule")
 
 
+def _check_numbers(epsilon, stabilizer, low, high, image_shape) -> None:
+    """Every LRP hyper-parameter finite and in its range: a NaN epsilon gives NaN maps without a word."""
+    for name, value, positive in (("epsilon", epsilon, False), ("stabilizer", stabilizer, True)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    bounds = []
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{name} must be a number or a tensor broadcastable to one image {image_shape}, "
+                            f"got {type(value).__name__}")
+        value = torch.as_tensor(value, dtype=torch.float64).cpu()
+        try:
+            value = value.expand(image_shape)
+        except RuntimeError:
+            raise ValueError(f"{name} must be broadcastable to one image {image_shape}, got shape "
+                             f"{tuple(value.shape)}") from None
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} (the input box of the z^B rule) must be finite, got NaN or Inf")
+        bounds.append(value)
+    if (bounds[0] > bounds[1]).any():
+        raise ValueError("low must not exceed high (the input box of the z^B rule is [low, high])")
+
+
 def _run(model, images, target, rule, epsilon, stabilizer, low, high, conv_rule, dense_rule, first_rule,
          record):
     images = check_images(images, model)
     _check_rules(rule, conv_rule, dense_rule, first_rule)
-    if epsilon < 0 or stabilizer <= 0:
-        raise ValueError(f"epsilon must be >= 0 and stabilizer > 0, got {epsilon} and {stabilizer}")
+    _check_numbers(epsilon, stabilizer, low, high, tuple(images.shape[1:]))
     state = _Pass(rule, float(epsilon), float(stabilizer), low, high, conv_rule, dense_rule, first_rule,
                   record=record)
     handles = []
-    with preserved(model):
+    with preserved(model), gradients_on(model):
         try:
             for name, module in model.named_modules():
                 if isinstance(module, _WEIGHTED):
@@ -206,21 +235,22 @@ def _run(model, images, target, rule, epsilon, stabilizer, low, high, conv_rule,
                     continue
                 else:
                     raise TypeError(f"LRP has no rule for layer {name!r} ({type(module).__name__}); supported: "
-                                    "Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten, Dropout, BatchNorm, "
-                                    "LocalResponseNorm")
+                                    f"{_SUPPORTED}")
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
-            x = images.detach().clone().requires_grad_(True)
+            x = images.detach().clone().requires_grad_(True)  # created inside gradients_on, see there
             state.image = x
-            with torch.enable_grad():
+            # a nonlinearity called as a function in forward (F.gelu, torch.sigmoid) has no module to hook:
+            # refuse it rather than pass it by its gradient
+            with NonlinearityGuard(model, "propagate LRP relevance", _SUPPORTED):
                 logits = model(x)
-                target = _resolve_target(target, logits)
-                score = logits.gather(1, target[:, None])
-                wanted = [x] + ([inp for _, inp, _ in state.inputs] if record else [])
-                if state.box is not None:
-                    wanted += list(state.box)
-                grads = torch.autograd.grad(score.sum(), wanted, allow_unused=True)
+            target = _resolve_target(target, logits)
+            score = logits.gather(1, target[:, None])
+            wanted = [x] + ([inp for _, inp, _ in state.inputs] if record else [])
+            if state.box is not None:
+                wanted += list(state.box)
+            grads = torch.autograd.grad(score.sum(), wanted, allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
@@ -270,9 +300,12 @@ def lrp(model: nn.Module, images: torch.Tensor, target=None, *, rule: str = "eps
     Raises
     ------
     TypeError
-        A layer with no LRP rule (e.g. Sigmoid, Softmax).
+        A layer with no LRP rule (e.g. Sigmoid, Softmax), also a nonlinearity called as a function in the
+        model's forward (``F.gelu``, ``torch.sigmoid``, ...); images of another dtype than the model's; a model
+        that does not return a tensor of class scores.
     ValueError
-        Unknown rule, NaN/Inf input, z^B on a layer that does not take the image, bad target.
+        Unknown rule, NaN/Inf input, z^B on a layer that does not take the image, bad target; ``epsilon`` or
+        ``stabilizer`` not finite or out of range, ``low``/``high`` not finite or ``low > high``.
 
     Examples
     --------

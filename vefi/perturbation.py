@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import check_images
+from vefi.heatmaps import class_indices
+from vefi.layers import check_images, check_scores
 
 __all__ = ["GAMES", "PerturbationResult", "blur", "perturbation_masks", "meaningful_perturbation"]
 
@@ -92,21 +93,14 @@ class PerturbationResult:
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
-    n, classes = logits.shape
+    n, classes = check_scores(logits).shape
     if target is None:
         return logits.argmax(1)
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        target = torch.full((n,), int(target), dtype=torch.long)
-    elif isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"target must be an int or an integer tensor, got dtype {target.dtype}")
-        target = target.reshape(-1).long()
-        if target.numel() == 1:
-            target = target.expand(n)
-        if target.numel() != n:
-            raise ValueError(f"target must have one class per image ({n}), got {target.numel()}")
-    else:
-        raise TypeError(f"target must be None, an int or a LongTensor, got {type(target).__name__}")
+    target = class_indices(target)
+    if target.numel() == 1:
+        target = target.expand(n)
+    if target.numel() != n:
+        raise ValueError(f"target must have one class per image ({n}), got {target.numel()}")
     if (target < 0).any() or (target >= classes).any():
         raise ValueError(f"target classes must be in 0..{classes - 1}, got {target.tolist()}")
     return target.to(logits.device)
@@ -185,7 +179,7 @@ def perturbation_masks(model: nn.Module, images: torch.Tensor, target=None, *, g
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(jitter, numbers.Integral) or jitter < 0:
         raise ValueError(f"jitter must be an int >= 0, got {jitter!r}")
-    images = check_images(images, model)
+    images = check_images(images, model, convert=True)  # the result comes back on the CPU in any case
     n, _, height, width = images.shape
     if mask_size is None:
         mask_size = max(2, min(height, width) // 4)
@@ -198,9 +192,7 @@ def perturbation_masks(model: nn.Module, images: torch.Tensor, target=None, *, g
     if not 0 <= init <= 1:
         raise ValueError(f"init must be in [0, 1], got {init!r}")
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else images.device
-    images = images.detach().to(device)
+    device = images.device
     generator = torch.Generator().manual_seed(int(seed))
     sign = 1.0 if game == "deletion" else -1.0
 
@@ -219,23 +211,29 @@ def perturbation_masks(model: nn.Module, images: torch.Tensor, target=None, *, g
             classes = _targets(target, logits)
             before = measure(images, classes)
             blurred = blur(images, sigma)
-        small = torch.full((n, 1, mask_size, mask_size), float(init), device=device, requires_grad=True)
-        optimiser = torch.optim.Adam([small], lr=lr)
-        trace = torch.empty(steps, n)
-        for step in progress(range(steps), desc=f"meaningful perturbation ({game})", disable=not show_progress):
-            mask = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
-            composite = mask * images + (1 - mask) * blurred
-            if jitter:
-                dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
-                composite = torch.roll(composite, (dy, dx), dims=(-2, -1))
-            area = (1 - small).flatten(1).mean(1) if game == "deletion" else small.flatten(1).mean(1)
-            loss = l1 * area + tv * _total_variation(small, tv_beta) + sign * measure(composite, classes)
-            optimiser.zero_grad()
-            loss.sum().backward()
-            optimiser.step()
-            with torch.no_grad():
-                small.clamp_(0.0, 1.0)
-            trace[step] = loss.detach().cpu()
+        with gradients_on(model):
+            # every tensor of the graph (and the trace, written in place) is made in here, so that it is a
+            # normal one under inference mode too
+            sharp, smooth = images.detach().clone(), blurred.clone()
+            trace = torch.empty(steps, n)
+            small = torch.full((n, 1, mask_size, mask_size), float(init), device=device, dtype=images.dtype,
+                               requires_grad=True)
+            optimiser = torch.optim.Adam([small], lr=lr)
+            for step in progress(range(steps), desc=f"meaningful perturbation ({game})",
+                                 disable=not show_progress):
+                mask = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+                composite = mask * sharp + (1 - mask) * smooth
+                if jitter:
+                    dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+                    composite = torch.roll(composite, (dy, dx), dims=(-2, -1))
+                area = (1 - small).flatten(1).mean(1) if game == "deletion" else small.flatten(1).mean(1)
+                loss = l1 * area + tv * _total_variation(small, tv_beta) + sign * measure(composite, classes)
+                optimiser.zero_grad()
+                loss.sum().backward()
+                optimiser.step()
+                with torch.no_grad():
+                    small.clamp_(0.0, 1.0)
+                trace[step] = loss.detach().cpu()
         with torch.no_grad():
             mask = F.interpolate(small.detach(), size=(height, width), mode="bilinear", align_corners=False)
             mask = mask.clamp(0.0, 1.0)

@@ -10,6 +10,7 @@ and fits :class:`vefi.selection.RelevantFeatureSelector` on them, for every laye
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from vefi._cache import load_arrays, save_arrays
 from vefi.config import data_dir
 from vefi.data import load_dataset
 from vefi.descriptors import Feature, FeatureIndex, default_layers, descriptors
-from vefi.lasso import GramAccumulator
+from vefi.lasso import ConvergenceWarning, GramAccumulator
 from vefi.selection import RelevantFeatureSelector, one_hot
 from vefi.train import pretrained
 
@@ -120,6 +121,12 @@ def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = Fa
     model : torch.nn.Module, optional
         A network trained on ``name``; default the book's (:func:`vefi.train.pretrained`).
 
+    Warns
+    -----
+    vefi.lasso.ConvergenceWarning
+        When the solver could not certify the selection (``rel.selector.converged_`` is False); the message
+        names the network and says why and what to do.
+
     Examples
     --------
     >>> rel = relevant_features("mnist")  # doctest: +SKIP
@@ -131,5 +138,12 @@ def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = Fa
         conv_layers = default_layers(model, only_conv=True)
         gram = _sub_gram(gram, index.columns(conv_layers))
         index = FeatureIndex.from_layers(conv_layers)
-    selector = RelevantFeatureSelector(mu=mu).fit(gram)
+    with warnings.catch_warnings():  # warned once, below, with the network's name
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        selector = RelevantFeatureSelector(mu=mu).fit(gram)
+    if not selector.converged_:
+        # The book keeps warnings visible: a selection that is not certified must not pass for one.
+        warnings.warn(f"the relevant features of {name!r} at mu={float(mu):g} "
+                      f"({'OnlyConv' if only_conv else 'All'}) are not certified optimal: {selector.message_}",
+                      ConvergenceWarning, stacklevel=2)
     return RelevantFeatures(name, float(mu), bool(only_conv), model, index, selector)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vefi._model_state import preserved
+from vefi._model_state import gradients_on, preserved
 from vefi.heatmaps import _resolve_target
 from vefi.layers import check_images
 
@@ -63,16 +63,15 @@ def gradient(model: nn.Module, images: torch.Tensor, target=None) -> torch.Tenso
     True
     """
     images = check_images(images, model)
-    with preserved(model):
+    with preserved(model), gradients_on(model):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)  # the input gradient alone: no graph through the weights
-        x = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x)
-            target = _resolve_target(target, logits)
-            score = logits.gather(1, target[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, x)
+        x = images.detach().clone().requires_grad_(True)  # created inside gradients_on, see there
+        logits = model(x)
+        target = _resolve_target(target, logits)
+        score = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, x)
     return grad
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from vefi._model_state import preserved
 from vefi._progress import progress
 from vefi.criteria import _targets  # one definition of "the predicted class when None"
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
 __all__ = ["SIMILARITIES", "MODES", "parameter_layers", "randomise_layers", "spearman", "ssim",
            "similarities", "RandomisationResult", "model_randomisation"]
@@ -180,10 +180,27 @@ def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, torch
 # --------------------------------------------------------------------------------------------------------
 # Randomising a copy of the model.
 
+def _has_parameters(layer: Layer) -> bool:
+    return any(True for _ in layer.module.parameters(recurse=False))
+
+
 def parameter_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[Layer]:
     """The layers (of :func:`vefi.layers.layer_table`) that own parameters, in forward order."""
-    return [layer for layer in layer_table(model, input_shape)
-            if any(True for _ in layer.module.parameters(recurse=False))]
+    return [layer for layer in layer_table(model, input_shape) if _has_parameters(layer)]
+
+
+def _randomisable(table: list[Layer], keys) -> list[Layer]:
+    """The layers named by ``keys``, each of which must own parameters: randomising a ReLU changes nothing,
+    and the test would report a similarity of 1 as if the method passed."""
+    if isinstance(keys, (int, str, Layer)):
+        keys = [keys]
+    chosen = [resolve_layer(table, key) for key in keys]
+    for layer in chosen:
+        if not _has_parameters(layer):
+            having = ", ".join(f"{lay.number}={lay.name!r} ({lay.kind})" for lay in table if _has_parameters(lay))
+            raise ValueError(f"layer {layer.label} ({layer.name!r}) has no parameters to randomise; the layers "
+                             f"with parameters are {having or 'none'}")
+    return chosen
 
 
 def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
@@ -216,11 +233,7 @@ def randomise_layers(model: nn.Module, layers, *, seed: int = 0,
     >>> bool(torch.equal(rand[1].weight, net[1].weight)), bool(torch.equal(rand[3].weight, net[3].weight))
     (True, False)
     """
-    table = layer_table(model, input_shape)
-    chosen = [resolve_layer(table, key) for key in layers]
-    for layer in chosen:
-        if not any(True for _ in layer.module.parameters(recurse=False)):
-            raise ValueError(f"layer {layer.label} ({layer.name}) has no parameters to randomise")
+    chosen = _randomisable(layer_table(model, input_shape), layers)
     clone = copy.deepcopy(model)
     modules = dict(clone.named_modules())
     for layer in chosen:
@@ -295,6 +308,14 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, explain: Explain
     -------
     RandomisationResult
 
+    Raises
+    ------
+    ValueError
+        A layer in ``layers`` without parameters (a ReLU, a pool): the message lists those that have some;
+        images of the wrong shape, with NaN/Inf or on another device than the model.
+    TypeError
+        Images of another dtype than the model's, an explainer that is not callable.
+
     Examples
     --------
     >>> from torch import nn
@@ -312,20 +333,14 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, explain: Explain
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if not callable(explain):
         raise TypeError(f"explain must be a callable explain(model, images, target), got {type(explain).__name__}")
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (n, C, H, W), got {type(images).__name__}")
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be float (n, C, H, W), got {tuple(images.shape)} {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    images = check_images(images, input_shape if input_shape is not None else model, model=model)
     table = layer_table(model, input_shape)
     if layers is None:
-        chosen = [layer for layer in reversed(table)
-                  if any(True for _ in layer.module.parameters(recurse=False))]
+        chosen = [layer for layer in reversed(table) if _has_parameters(layer)]
     else:
-        chosen = [resolve_layer(table, key) for key in layers]
+        chosen = _randomisable(table, layers)
     if not chosen:
         raise ValueError("the model has no layer with parameters to randomise")
 

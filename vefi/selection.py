@@ -13,12 +13,11 @@ from typing import NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from vefi.descriptors import Feature, FeatureIndex
-from vefi.lasso import GramAccumulator, MuLassoResult, _check_radius, solve_mu_lasso
+from vefi.lasso import ConvergenceWarning, GramAccumulator, MuLassoResult, _check_radius, solve_mu_lasso
 
 __all__ = ["RelevantFeatureSelector", "SelectionPath", "one_hot", "selection_path"]
 
@@ -64,8 +63,10 @@ def _class_support(coef: np.ndarray, threshold: float) -> np.ndarray:
 class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
     """Select the features relevant to each class by mu-Lasso (Oramas et al. 2019, Sec. 3.1).
 
-    Solves ``min_W ||X^T W - L^T||_F^2 s.t. ||w_j||_1 <= mu`` with the spectral projected gradient method of
-    :func:`vefi.lasso.solve_mu_lasso`, and keeps the features whose weight is nonzero for some class.
+    Solves ``min_W ||X^T W - L^T||_F^2 s.t. ||w_j||_1 <= mu`` with :func:`vefi.lasso.solve_mu_lasso` (a lasso
+    homotopy with a certified duality gap), and keeps the features whose weight is nonzero for some class. A
+    fit the solver could not certify to ``tol`` warns (:class:`vefi.lasso.ConvergenceWarning`, saying why and
+    what to do) and says so in ``converged_``, ``status_`` and ``message_``.
 
     Parameters
     ----------
@@ -75,7 +76,7 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
         Relative duality gap at which the solver stops (the objective is then within ``tol`` of the optimum,
         relatively).
     max_iter : int
-        Most solver iterations.
+        Most solver iterations (about one per feature entering or leaving a class's support).
     threshold : float
         A weight counts as nonzero when ``|w_ij| > threshold * max_i |w_ij|`` (relative to the largest weight
         of its class). The solver's weights are exact zeros off the support, so this only guards against
@@ -91,10 +92,17 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
         Weights per class (rows), the paper's ``W`` transposed.
     classes_ : numpy.ndarray of shape (C,)
     n_features_in_ : int
-    objective_, duality_gap_, relative_gap_ : numpy.ndarray of shape (C,)
-        Per class: ``||X^T w_j - l_j||^2``, its duality gap, and their ratio.
+    objective_, gap_, relative_gap_ : numpy.ndarray of shape (C,)
+        Per class: ``||X^T w_j - l_j||^2``, its duality gap (a bound on the distance to the optimum), and
+        their ratio (see :class:`vefi.lasso.MuLassoResult`).
     n_iter_ : int
+        Solver iterations.
     converged_ : bool
+        Every class certified: ``relative_gap_ <= tol``.
+    status_ : str
+        ``"converged"``, ``"max_iter"`` or ``"stalled"`` (see :class:`vefi.lasso.MuLassoResult`).
+    message_ : str
+        Why the solver stopped, and what to do if it did not converge.
     result_ : vefi.lasso.MuLassoResult
 
     Examples
@@ -156,20 +164,22 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
         W0 = None
         if self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (gram.n_targets, gram.n_features):
             W0 = self.coef_.T
-        res = solve_mu_lasso(gram, mu, tol=self.tol, max_iter=self.max_iter, W0=W0)
+        with warnings.catch_warnings():  # warned once, below, from the caller's line
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = solve_mu_lasso(gram, mu, tol=self.tol, max_iter=self.max_iter, W0=W0)
         if not res.converged:
-            warnings.warn(f"mu-Lasso stopped after {res.n_iter} iterations with relative duality gap "
-                          f"{res.relative_gap.max():.2e} > tol={self.tol:g}; raise max_iter", ConvergenceWarning,
-                          stacklevel=2)
+            warnings.warn(f"RelevantFeatureSelector(mu={mu:g}): {res.message}", ConvergenceWarning, stacklevel=2)
         self.result_: MuLassoResult = res
         self.coef_ = res.W.T.copy()
         self.classes_ = np.arange(gram.n_targets)
         self.n_features_in_ = gram.n_features
         self.objective_ = res.objective
-        self.duality_gap_ = res.gap
+        self.gap_ = res.gap
         self.relative_gap_ = res.relative_gap
         self.n_iter_ = res.n_iter
         self.converged_ = res.converged
+        self.status_ = res.status
+        self.message_ = res.message
         return self
 
     def class_support(self) -> np.ndarray:

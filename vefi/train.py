@@ -124,6 +124,30 @@ def _cache_key(name: str, model: nn.Module, data: ImageSet, hp: HyperParams) -> 
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _parse_stored(payload: bytes, model: nn.Module) -> tuple[dict, list, float]:
+    """The state dict, history and test accuracy of a cached model; ``ValueError`` if they do not fit ``model``
+    (checked before anything is loaded into it, so a refused file leaves it as built)."""
+    try:
+        stored = torch.load(io.BytesIO(payload), weights_only=True)
+        state, history = stored["state_dict"], json.loads(stored["history"])
+        accuracy = float(stored["test_accuracy"])
+    except Exception as err:  # noqa: BLE001 - whatever the file holds, it is not a model cache of ours
+        raise ValueError(f"not a model cache: {type(err).__name__}: {err}") from err
+    expected = model.state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise ValueError(f"its weights are not those of {type(model).__name__}")
+    for key, value in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
+            what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"weight {key} is {what}, expected {tuple(value.shape)} {value.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise ValueError(f"weight {key} is not finite")
+    if not isinstance(history, list) or not 0 <= accuracy <= 1:
+        raise ValueError(f"its history or test accuracy ({accuracy}) is not what training records")
+    return state, history, accuracy
+
+
 def pretrained(name: str) -> VefiNet:
     """The book's trained model for dataset ``name``, in eval mode; trained on first use, then cached.
 
@@ -144,11 +168,10 @@ def pretrained(name: str) -> VefiNet:
     torch.manual_seed(hp.seed)
     model = build_model(name)
     path = data_dir() / "models" / f"{name}-{_cache_key(name, model, data, hp)}.pt"
-    payload = read_verified(path)
-    if payload is not None:
-        stored = torch.load(io.BytesIO(payload), weights_only=True)
-        model.load_state_dict(stored["state_dict"])
-        model.history, model.test_accuracy = json.loads(stored["history"]), stored["test_accuracy"]
+    stored = read_verified(path, lambda payload: _parse_stored(payload, model))
+    if stored is not None:
+        state, model.history, model.test_accuracy = stored
+        model.load_state_dict(state)
     else:
         history = train(model, data, hp, desc=f"training {name}")
         accuracy, _ = evaluate(model, load_dataset(name, "test"))

@@ -8,7 +8,10 @@ failed request here. Each page gets a full-page screenshot in ``_build/screensho
 Checked on every page reached from the home page by following links: it loads with no SEVERE console
 message and no request beyond localhost; every image has a non-zero natural size and a real alt text;
 every internal link and anchor resolves; MathJax typeset every equation without error; every embedded
-widget view is rendered by the widget manager.
+widget view is rendered by the widget manager; no Markdown is left unrendered (a table's ``|---|`` or a
+``$...$`` outside code); no progress bar reached a page (stderr is shown, for warnings). Chapter 10's table
+of claims is an HTML table with one row per claim of the executed notebook (read from the build's execution
+cache, next to the HTML).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``make`` installs them when run as root) and selenium
 (the ``test`` extra). Skips, saying why, only when Chromium is missing and cannot be installed (not root).
@@ -31,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
+import nbformat
 import pytest
 import yaml
+from jupyter_cache import get_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK_SITE = ROOT / "_build" / "quick" / "_build" / "html"
@@ -143,6 +148,9 @@ class Page:
     widgets: dict = field(default_factory=dict)
     external: list = field(default_factory=list)
     dropdowns: list = field(default_factory=list)
+    tables: list = field(default_factory=list)
+    text: str = ""
+    stderr: list = field(default_factory=list)
 
 
 # Waits for MathJax's first typesetting and for the widget manager to replace each view script by a view.
@@ -173,7 +181,18 @@ const external = Array.from(document.querySelectorAll('a[href]')).map((a) => a.h
 const dropdowns = Array.from(document.querySelectorAll('.admonition.dropdown'))
     .map((d) => ({title: (d.querySelector('.admonition-title') || d).textContent.trim().slice(0, 60),
                   hidden: d.classList.contains('toggle-hidden')}));
-return {imgs, links, ids, external, dropdowns,
+const tables = Array.from(document.querySelectorAll('article table')).map((t) => ({
+    header: Array.from(t.querySelectorAll('thead th')).map((th) => th.textContent.trim()),
+    rows: t.querySelectorAll('tbody tr').length}));
+// the text a reader sees outside code and typeset math, where Markdown must not show through
+const skip = 'pre, code, script, style, textarea, mjx-container, .highlight';
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+const texts = [];
+for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+  if (!n.parentElement.closest(skip)) { texts.push(n.textContent); }
+}
+const stderr = Array.from(document.querySelectorAll('.output.stderr')).map((e) => e.textContent);
+return {imgs, links, ids, external, dropdowns, tables, stderr, text: texts.join(' '),
   math: {elements: maths.length, typeset: maths.filter((m) => m.querySelector('mjx-container')).length,
          errors: document.querySelectorAll('mjx-merror').length, mathjax: !!window.MathJax},
   widgets: {views: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
@@ -213,6 +232,9 @@ def _visit(driver, url: str, origin: str) -> Page:
     page.widgets = info["widgets"]
     page.external = info["external"]
     page.dropdowns = info["dropdowns"]
+    page.tables = info["tables"]
+    page.text = info["text"]
+    page.stderr = info["stderr"]
     rel = unquote(urlparse(url).path).strip("/") or "index.html"
     shot = SCREENSHOTS / (rel.replace("/", "__").removesuffix(".html") + ".png")
     shot.parent.mkdir(parents=True, exist_ok=True)
@@ -337,3 +359,54 @@ def test_solutions_start_hidden(crawl):
     assert dropdowns, "no page has a dropdown solution (book/teaching.md has one)"
     shown = {u: [d["title"] for d in ds if not d["hidden"]] for u, ds in dropdowns.items()}
     assert not any(shown.values()), f"solutions visible before the reader opens them: {shown}"
+
+
+_RAW_TABLE = re.compile(r"\|\s*:?-{3,}")     # a Markdown table's separator row: |---|
+_RAW_MATH = re.compile(r"\$[^$\s][^$]{0,200}\$")  # $...$ that MathJax never saw
+_PROGRESS = re.compile(r"\d+%\||\d+(\.\d+)?\s*it/s")  # tqdm's bar and rate
+
+
+def test_no_raw_markdown_on_any_page(crawl):
+    raw = {u: _RAW_TABLE.findall(p.text) + _RAW_MATH.findall(p.text) for u, p in crawl.items()}
+    raw = {u: found for u, found in raw.items() if found}
+    assert not raw, f"Markdown shown as text (a table or $math$ not rendered): {raw}"
+
+
+def test_no_progress_bar_on_any_page(crawl):
+    bars = {u: [t[:200] for t in p.stderr if _PROGRESS.search(t)] for u, p in crawl.items()}
+    bars = {u: b for u, b in bars.items() if b}
+    assert not bars, f"progress bars on pages (the book builds with VEFI_PROGRESS=off): {bars}"
+
+
+def _claims_of_executed_notebook(site: Path, name: str) -> tuple[int, int]:
+    """The rows of the claims table the executed notebook displayed (Markdown), and the count it printed.
+
+    The execution is the one the book shows: the build's jupyter-cache, next to the HTML, matched to the
+    notebook file."""
+    cache_dir, path = site.parent / ".jupyter_cache", ROOT / "notebooks" / f"{name}.ipynb"
+    assert cache_dir.is_dir(), f"no execution cache {cache_dir} next to the HTML"
+    cache = get_cache(str(cache_dir))
+    try:
+        executed = cache.get_cache_bundle(cache.match_cache_notebook(nbformat.read(path, as_version=4)).pk).nb
+    except KeyError:
+        pytest.fail(f"{path} has no execution in {cache_dir}: was it edited after the book was built?")
+    outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
+    tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    tables = [t for t in tables if _RAW_TABLE.search(t)]
+    assert len(tables) == 1, f"{path}: expected one Markdown table among the outputs, found {len(tables)}"
+    lines = [line for line in tables[0].splitlines() if line.strip().startswith("|")]
+    printed = [re.search(r"(\d+) of (\d+) criteria met", o.get("text", "")) for o in outputs]
+    printed = [int(m.group(2)) for m in printed if m]
+    assert printed, f"{path}: no 'N of M criteria met' line among the outputs"
+    return len(lines) - 2, printed[0]  # minus the header and the separator
+
+
+def test_claims_table_has_one_row_per_claim(crawl, site):
+    name = "10_reproduction_summary"
+    pages = [p for u, p in crawl.items() if urlparse(u).path.endswith(f"/notebooks/{name}.html")]
+    assert pages, f"chapter {name} was not reached"
+    rows, printed = _claims_of_executed_notebook(site, name)
+    assert rows == printed > 0, f"{name}: the Markdown table has {rows} rows, the notebook counted {printed} claims"
+    tables = [t for t in pages[0].tables if "claim" in t["header"]]
+    assert len(tables) == 1, f"{name}: expected one HTML table with a 'claim' column, found {pages[0].tables}"
+    assert tables[0]["rows"] == rows, f"{name}: the HTML table has {tables[0]['rows']} rows for {rows} claims"
