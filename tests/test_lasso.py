@@ -212,6 +212,32 @@ def test_solver_certifies_every_family(family, peer):
         assert spams_invalid == 0  # SPAMS fails on degenerate low-rank problems only
 
 
+def test_nearly_singular_problems_are_certified_or_say_so():
+    # Low rank plus noise 1e-6 to 1e-4: Gram matrices with condition numbers near 1e10-1e12, where rounding
+    # can stop the homotopy short (the polish then takes over) and where the verdict may depend on the BLAS
+    # kernel. Whatever the verdict, it is never silent, and a certificate it claims holds against the data.
+    certified = 0
+    for seed in range(12):
+        rng = np.random.default_rng(1000 + seed)
+        N, m, r = rng.integers(30, 200), rng.integers(5, 40), rng.integers(1, 5)
+        X = rng.random((N, r)) @ rng.random((r, m)) + 10 ** rng.uniform(-6, -4) * rng.random((N, m))
+        L = np.eye(3)[rng.integers(0, 3, N)]
+        gram, mu = GramAccumulator.from_data(X, L), 10 ** rng.uniform(-1, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = solve_mu_lasso(gram, mu, max_iter=2000)
+        warned = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+        assert res.converged == (res.status == "converged") == (not warned), seed
+        assert np.all(np.abs(res.W).sum(0) <= mu * (1 + 1e-12))
+        if res.converged:
+            certified += 1
+            floor = np.maximum(res.objective, 1e-2 * gram.lsq.sum())
+            assert np.all(gap_from_data(X, L, res.W, mu) <= 1e-6 * floor), seed
+        else:
+            assert res.status in ("stalled", "max_iter") and str(warned[0].message) == res.message, seed
+    assert certified >= 6  # most are certified (53 of 60 of this family measured on two kernels)
+
+
 def test_solver_matches_spgl1_class_by_class(peer):
     spgl1 = peer("spgl1")
     X, L, gram = random_problem(n=400, blocks=(30, 20), C=3, seed=5)
