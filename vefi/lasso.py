@@ -294,15 +294,15 @@ class MuLassoResult:
         ``||L||_F^2 = sum_j ||l_j||^2``) for a class the features fit (almost) exactly, whose objective is
         only rounding.
     n_iter : int
-        Homotopy iterations (in each, one feature enters or leaves the support of every unfinished class).
+        Homotopy iterations (in each, one feature enters or leaves the support of every unfinished class),
+        plus the projected-gradient iterations of the polish, where one ran.
     converged : bool
         True when every class reached ``relative_gap <= tol``.
     mu, tol : float
         The radius and the tolerance used.
-    n_rounds : int
-        Certificates computed from the full problem (1: at the end of the homotopy).
     n_working : int
-        Number of features whose row of ``Q`` the solver read (the union of the supports it tried).
+        Number of features whose row of ``Q`` the homotopy read (the union of the supports it tried); a
+        polish also reads the rows of its working set.
     status : str
         ``"converged"``; ``"max_iter"`` (the iteration limit was reached first); or ``"stalled"`` (the
         homotopy ended, or cycled among ties, with a gap above ``tol``: rounding dominates).
@@ -318,7 +318,6 @@ class MuLassoResult:
     converged: bool
     mu: float
     tol: float
-    n_rounds: int = 1
     n_working: int = 0
     status: str = "converged"
     message: str = ""
@@ -764,7 +763,7 @@ def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback) -> MuLassoResult:
                        f"number near 1/eps): rescale the features (e.g. standardise the columns of X), or "
                        f"accept a larger tol, or report the problem")
     return MuLassoResult(W=W, objective=2.0 * f, gap=2.0 * gap, relative_gap=rel, n_iter=it,
-                         converged=status == "converged", mu=mu, tol=tol, n_rounds=1,
+                         converged=status == "converged", mu=mu, tol=tol,
                          n_working=path.nU, status=status, message=message)
 
 
@@ -892,7 +891,7 @@ def _polish(Q, q, lsq, mu, tol, max_iter, W, f_floor):
     return W, it
 
 
-def _spg(Q, q, lsq, mu, W, tol, max_iter, n_prev, gamma, f_floor, report=None):
+def _spg(Q, q, lsq, mu, W, tol, max_iter, n_prev, gamma, f_floor):
     """The spectral projected gradient iterations on one (working-set) problem; returns ``(W, iterations)``."""
     m, C = q.shape
     W = W.copy()
@@ -977,6 +976,4 @@ def _spg(Q, q, lsq, mu, W, tol, max_iter, n_prev, gamma, f_floor, report=None):
             fhist[it % fhist.shape[0], keep] = f[keep]
             face_tried[cols] = True
             signs[:, keep] = np.sign(W[:, keep]).astype(np.int8)
-        if report is not None:
-            report(it, W)
     return W, it
