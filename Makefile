@@ -68,7 +68,7 @@ bench: data
 	@for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 data: setup
-	$(PY) -m vefi.data fetch
+	$(PY) -m vefi.book.data fetch
 
 setup: $(INSTALLED) system
 

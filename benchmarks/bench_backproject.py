@@ -18,7 +18,7 @@ from torch import nn
 
 from vefi.backproject import backproject
 from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 FEATURES = [("conv1", 3), ("conv2", 5), ("relu2", 6), ("pool2", 9), ("conv3", 7), ("relu3", 1),
             ("conv4", 7), ("relu4", 2), ("fc1", 10), ("relu5", 4)]

@@ -19,7 +19,7 @@ from torch import nn
 
 from vefi.lrp import lrp
 from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 REPEATS = 7
 BATCH = 16

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from _timing import median_time as _median_time  # benchmarks/ is on sys.path when run as a script
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.occlusion import occlusion
 
 REPEATS = 5

@@ -6,7 +6,7 @@ from torch import nn
 from vefi.ablation import (ablated, ablation_accuracy, feature_strength, mean_class_accuracy, random_like,
                            subsample)
 from vefi.descriptors import Feature, FeatureIndex, default_layers
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from vefi.actmax import activation_maximisation, filters, top_patches, unit_responses
-from vefi.data import ImageSet, dataset_info
+from vefi.book.data import ImageSet, dataset_info
 from vefi.descriptors import Feature
 from vefi.layers import layer_table
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.receptive import receptive_box
 
 

@@ -7,8 +7,8 @@ import colorsys
 import numpy as np
 import pytest
 
-from vefi.an8flower import CLASS_RGB, PARTS, VARIANTS, FlowerSet, generate, render_flower
-from vefi.data import COLOURS, dataset_info
+from vefi.book.an8flower import CLASS_RGB, PARTS, VARIANTS, FlowerSet, generate, render_flower
+from vefi.book.data import COLOURS, dataset_info
 
 CENTRE, PETALS = PARTS.index("centre"), PARTS.index("petals")
 # Distances between chroma vectors (saturation times unit hue vector): the discriminative part's mean colour

@@ -85,7 +85,7 @@ def test_occlude_baselines():
 
 
 def test_confidence_drop_against_direct_computation():
-    from vefi.models import build_model
+    from vefi.book.models import build_model
 
     torch.manual_seed(0)
     net = build_model("mnist")

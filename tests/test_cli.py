@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vefi import cli
+from vefi.book import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_index_and_class_out_of_range_exit_4(tmp_path, capsys):
 
 
 def test_missing_data_exits_3(tmp_path, capsys, monkeypatch):
-    from vefi.data import DataNotFoundError
+    from vefi.book.data import DataNotFoundError
 
     def missing(name, split):
         raise DataNotFoundError(f"{name} is not here; run make data")
@@ -111,12 +111,12 @@ def test_missing_data_exits_3(tmp_path, capsys, monkeypatch):
 
 
 def test_a_crash_while_computing_exits_1_and_leaves_no_file(tmp_path, capsys, monkeypatch):
-    import vefi.relevant
+    import vefi.book.relevant
 
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(vefi.relevant, "relevant_features", crash)
+    monkeypatch.setattr(vefi.book.relevant, "relevant_features", crash)
     code, out, err = run(["select", "--dataset", "mnist", "--out", str(tmp_path / "features.csv")], capsys)
     assert code == cli.EXIT_UNEXPECTED
     assert "RuntimeError: boom" in err and "unexpected error" in err
@@ -124,7 +124,7 @@ def test_a_crash_while_computing_exits_1_and_leaves_no_file(tmp_path, capsys, mo
 
 
 def test_a_failed_write_of_the_output_exits_4_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
-    import vefi._cache
+    import vefi.book._cache
 
     target = tmp_path / "features.csv"
     target.write_bytes(b"old")
@@ -132,7 +132,7 @@ def test_a_failed_write_of_the_output_exits_4_and_keeps_the_old_file(tmp_path, c
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vefi._cache.os, "fsync", disk_full)
+    monkeypatch.setattr(vefi.book._cache.os, "fsync", disk_full)
     with pytest.raises(cli.BadValue, match="No space left"):
         cli.write_output(target, b"new")
     assert target.read_bytes() == b"old"
@@ -140,7 +140,7 @@ def test_a_failed_write_of_the_output_exits_4_and_keeps_the_old_file(tmp_path, c
 
 
 def test_select_writes_every_class_as_csv(tmp_path, capsys):
-    from vefi.relevant import relevant_features
+    from vefi.book.relevant import relevant_features
 
     umask = os.umask(0o027)
     os.umask(umask)
@@ -166,18 +166,18 @@ def test_select_writes_every_class_as_csv(tmp_path, capsys):
 
 
 def test_select_warns_when_the_solver_did_not_converge(tmp_path, capsys, monkeypatch):
-    import vefi.relevant
+    import vefi.book.relevant
 
-    real = vefi.relevant.relevant_features
+    real = vefi.book.relevant.relevant_features
 
     def stopped_early(name, mu, only_conv=False):
         relevant = real(name, mu=mu, only_conv=only_conv)
-        gram, _ = vefi.relevant.training_gram(name, relevant.model)
+        gram, _ = vefi.book.relevant.training_gram(name, relevant.model)
         with pytest.warns(Warning, match="raise max_iter"):
             relevant.selector.set_params(max_iter=2).fit(gram)
         return relevant
 
-    monkeypatch.setattr(vefi.relevant, "relevant_features", stopped_early)
+    monkeypatch.setattr(vefi.book.relevant, "relevant_features", stopped_early)
     out_path = tmp_path / "features.csv"
     code, out, err = run(["select", "--dataset", "mnist", "--out", str(out_path)], capsys)
     assert code == 0, err

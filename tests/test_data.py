@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vefi import data
-from vefi._cache import load_arrays, read_verified, save_arrays, write_verified
+from vefi.book import data
+from vefi.book._cache import load_arrays, read_verified, save_arrays, write_verified
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_truncated_dataset_cache_is_rebuilt(tmp_data):
 
 
 def test_no_partial_file_left_when_a_write_fails(tmp_path, monkeypatch):
-    import vefi._cache as cache
+    import vefi.book._cache as cache
 
     def boom(*args):
         raise OSError("disk full")
@@ -117,7 +117,7 @@ def test_wrong_hash_is_refused_before_unpickling(tmp_path, monkeypatch):
 def test_truncated_wheel_says_what_to_do(tmp_path):
     wheel = tmp_path / "w.whl"
     wheel.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match="vefi.data fetch"):
+    with pytest.raises(ValueError, match="vefi.book.data fetch"):
         data.mnist_from_wheel(wheel)
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vefi.descriptors import FeatureIndex, default_layers, descriptors, synthetic_descriptors
 from vefi.layers import layer_table
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vefi.data import ImageSet, dataset_info
+from vefi.book.data import ImageSet, dataset_info
 from vefi.dissection import DISCRIMINATIVE, detectors, dissect, iou_from_masks, unit_thresholds
 
 

@@ -11,7 +11,7 @@ import vefi.explain as explain_module
 from vefi.backproject import backproject, heatmap
 from vefi.descriptors import descriptors
 from vefi.explain import background_ratio, background_share, contributions, explain, explanation_figure
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.relevant import RelevantFeatures
 from vefi.selection import RelevantFeatureSelector
 
@@ -23,7 +23,7 @@ def fitted(net, n=60, mu=2.0, seed=0):
     X, index, _ = descriptors(net, images, show_progress=False)
     y = np.arange(n) % len(net.classes)
     selector = RelevantFeatureSelector(mu=mu, tol=1e-6, max_iter=3000).fit(X, y)
-    return RelevantFeatures("mnist", mu, False, net, index, selector)
+    return RelevantFeatures(net, index, selector, tuple(range(len(net.classes))), net.input_shape, "mnist")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def explained(setup):
     return explain(net, images, rel)
 
 
-def slow_top_k(net, rel, images, targets, k):
-    """Obviously right: loop over images and features."""
+def slow_top_k(net, rel, images, targets, k, score="paper"):
+    """Obviously right: loop over images and features (the paper's w * x, or the demo's x * w / sum(w))."""
     X, _, _ = descriptors(net, images, [layer.number for layer in rel.index.layers], show_progress=False)
     support = rel.selector.get_support()
     out = []
@@ -51,7 +51,7 @@ def slow_top_k(net, rel, images, targets, k):
         total = sum(float(v) for v in w)
         scored = []
         for j in range(len(rel.index)):
-            s = float(X[i, j]) * float(w[j]) / total
+            s = float(X[i, j]) * float(w[j]) / (total if score == "demo" else 1.0)
             if support[j] and s > 0:
                 scored.append((s, j))
         scored.sort(key=lambda t: (-t[0], t[1]))
@@ -59,14 +59,14 @@ def slow_top_k(net, rel, images, targets, k):
     return out
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_top_k_matches_a_direct_computation(setup, explained, k):
+@pytest.mark.parametrize("k, score", [(1, "paper"), (3, "paper"), (3, "demo")])
+def test_top_k_matches_a_direct_computation(setup, explained, k, score):
     net, rel, images = setup
-    e = explained if k == 3 else explain(net, images, rel, k=k)
+    e = explained if (k, score) == (3, "paper") else explain(net, images, rel, k=k, score=score)
     with torch.no_grad():
         predicted = net(images).argmax(1)
     assert torch.equal(e.predicted, predicted) and torch.equal(e.target, predicted)
-    expected = slow_top_k(net, rel, images, predicted, k)
+    expected = slow_top_k(net, rel, images, predicted, k, score)
     for i in range(len(images)):
         assert e.features[i] == [f for f, _ in expected[i]]
         np.testing.assert_allclose(e.scores[i], [s for _, s in expected[i]], rtol=1e-5)
@@ -175,7 +175,7 @@ def assert_unchanged(net, before):
 def test_model_left_unchanged(setup, monkeypatch):
     net, rel, images = setup
     net = copy.deepcopy(net)
-    rel = RelevantFeatures(rel.dataset, rel.mu, rel.only_conv, net, rel.index, rel.selector)
+    rel = RelevantFeatures(net, rel.index, rel.selector, rel.classes, rel.input_shape, rel.name)
     net.train()
     net.conv1.weight.requires_grad_(False)
     before = state(net)
@@ -237,8 +237,8 @@ def test_selector_fitted_on_another_model(setup):
     # weights wider than the index
     wide = copy.deepcopy(rel.selector)
     wide.coef_ = np.hstack([wide.coef_, np.zeros((10, 3))])
-    with pytest.raises(ValueError, match="columns but its index describes"):
-        explain(net, images, RelevantFeatures("mnist", 2.0, False, net, rel.index, wide))
+    with pytest.raises(ValueError, match="weights have shape"):
+        RelevantFeatures(net, rel.index, wide, rel.classes, rel.input_shape)
 
 
 def test_background_share_and_figures(explained):
@@ -260,3 +260,21 @@ def test_background_share_and_figures(explained):
     assert len(fig.axes) == 2 * 5
     import matplotlib.pyplot as plt
     plt.close("all")
+
+
+def test_demo_score_flips_the_ranking_of_a_class_whose_weights_sum_below_zero(setup):
+    """The demo's division by sum(w_c) keeps the features that speak against a class with sum(w_c) < 0;
+    the paper's w_c * x keeps those that speak for it (descriptors are >= 0, so: w > 0)."""
+    net, rel, images = setup
+    selector = copy.deepcopy(rel.selector)
+    selector.coef_ = selector.coef_ * np.where(selector.coef_.sum(1, keepdims=True) > 0, -1.0, 1.0)
+    flipped = RelevantFeatures(net, rel.index, selector, rel.classes, rel.input_shape)
+    for c in range(len(rel.classes)):
+        w = selector.coef_[c]
+        assert w.sum() < 0
+        paper = explain(net, images, flipped, target=c, k=3)
+        demo = explain(net, images, flipped, target=c, k=3, score="demo")
+        weight = lambda f: w[rel.index.column(f.layer_number, f.channel)]  # noqa: E731
+        assert all(weight(f) > 0 for row in paper.features for f in row)
+        assert all(weight(f) < 0 for row in demo.features for f in row)
+        assert (any(paper.features) or not (w > 0).any()) and (any(demo.features) or not (w < 0).any())

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-import vefi.explorer as explorer_module
-from vefi.explorer import explanation_view, explorer
+import vefi.book.explorer as explorer_module
+from vefi.book.explorer import explanation_view, explorer
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vefi import _cache as cache
-from vefi import cli, config, data
+from vefi.book import _cache as cache
+from vefi.book import cli, config, data
 
 from tests.test_data import fake_idx_folder
 
@@ -81,7 +81,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path, monkeypa
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    import vefi._cache as cache
+    import vefi.book._cache as cache
 
     def hang(fd):  # the payload is written, not yet renamed into place: the moment to be killed
         print("writing", flush=True)
@@ -217,7 +217,7 @@ def test_a_model_cache_with_the_wrong_content_retrains(tmp_data, monkeypatch):
 
     import torch
 
-    from vefi import train as training
+    from vefi.book import train as training
 
     monkeypatch.setenv("VEFI_QUICK", "1")
     fake_idx_folder(tmp_data / "fashion-mnist", n_train=64, n_test=16)
@@ -266,7 +266,7 @@ def test_concurrent_readers_of_a_damaged_cache_do_not_raise(tmp_path):
     script = textwrap.dedent("""
         import sys, warnings
         import numpy as np
-        from vefi._cache import load_arrays, save_arrays
+        from vefi.book._cache import load_arrays, save_arrays
         warnings.simplefilter("ignore")
         path = sys.argv[1]
         for i in range(200):

@@ -9,7 +9,7 @@ from torch import nn
 
 from vefi.backproject import backproject, strongest_channels
 from vefi.gridness import coverage_cv, coverage_map, grid_chance, grid_energy, layer_grid_energy
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 
 def brute_force_coverage(size, kernel, stride, padding):

@@ -12,7 +12,7 @@ import torch
 from vefi import heatmaps
 from vefi.heatmaps import METHODS, compute, normalise
 from vefi.lrp import lrp
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.saliency import sensitivity
 
 EXPLAIN = ("ours", "deconv-gb", "upsampled-activations")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vefi.interpret import average_images, average_images_figure
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.receptive import receptive_fields
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi.layers import layer_kind, layer_table, resolve_layer
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 
 class Branchy(nn.Module):

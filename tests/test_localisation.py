@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from vefi.localisation import THRESHOLDS, LocalisationResult, area_under_curve, iou_curve, method_heatmaps
+from vefi.localisation import THRESHOLDS, area_under_curve, iou_curve, method_heatmaps
+from vefi.book.studies import LocalisationResult
 
 
 def test_iou_hand_computed():
@@ -83,7 +84,7 @@ def test_bad_input():
 
 
 def test_method_heatmaps_chunks_random_control_seeded():
-    from vefi.models import build_model
+    from vefi.book.models import build_model
 
     torch.manual_seed(0)
     net = build_model("mnist")

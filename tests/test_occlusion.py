@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.occlusion import occlusion, window_positions
 
 

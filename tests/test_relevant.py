@@ -9,8 +9,9 @@ import torch
 
 from vefi.descriptors import FeatureIndex, default_layers, descriptors
 from vefi.lasso import ConvergenceWarning
-from vefi.models import build_model
-from vefi.relevant import model_fingerprint, relevant_features, training_gram
+from vefi.book.models import build_model
+from vefi.relevant import model_fingerprint
+from vefi.book.relevant import relevant_features, training_gram
 from vefi.selection import RelevantFeatureSelector
 
 from tests.test_data import fake_idx_folder
@@ -38,7 +39,7 @@ def test_fingerprint_follows_the_weights():
 
 
 def test_relevant_features_match_a_direct_fit(fake_fashion):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
 
     model = fake_fashion
     X, index, y = descriptors(model, load_dataset("fashion-mnist", "train"), show_progress=False)
@@ -50,14 +51,14 @@ def test_relevant_features_match_a_direct_fit(fake_fashion):
 
 
 def test_only_conv_is_the_conv_block_of_the_same_statistics(fake_fashion):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
 
     model = fake_fashion
     conv = default_layers(model, only_conv=True)
     X, index, y = descriptors(model, load_dataset("fashion-mnist", "train"), conv, show_progress=False)
     direct = RelevantFeatureSelector(mu=2).fit(X, y)
     rel = relevant_features("fashion-mnist", mu=2, only_conv=True, model=model)
-    assert rel.index == FeatureIndex.from_layers(conv) and rel.only_conv
+    assert rel.index == FeatureIndex.from_layers(conv) and "OnlyConv" in rel.name
     np.testing.assert_allclose(rel.selector.coef_, direct.coef_, atol=1e-6)
     assert all(f.kind != "fc" for f in rel.features)
 

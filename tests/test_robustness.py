@@ -25,7 +25,7 @@ from vefi.explain import explain
 from vefi.heatmaps import METHODS, class_indices, compute
 from vefi.layers import check_images, check_scores
 from vefi.lrp import lrp, relevance_sums
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.occlusion import occlusion
 from vefi.perturbation import perturbation_masks
 from vefi.relevant import RelevantFeatures
@@ -50,7 +50,7 @@ def fitted(net: nn.Module, n: int = 60, mu: float = 2.0) -> RelevantFeatures:
     """A selector fitted on random images of ``net``, like the book's RelevantFeatures."""
     X, index, _ = descriptors(net, some_images(n, seed=0), show_progress=False)
     selector = RelevantFeatureSelector(mu=mu, tol=1e-6, max_iter=3000).fit(X, np.arange(n) % 10)
-    return RelevantFeatures("mnist", mu, False, net, index, selector)
+    return RelevantFeatures(net, index, selector, tuple(range(10)), net.input_shape, "mnist")
 
 
 def state(model: nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.saliency import gradient, gradient_x_input, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")

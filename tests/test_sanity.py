@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.sanity import (model_randomisation, parameter_layers, randomise_layers, similarities, spearman,
                          ssim)
 

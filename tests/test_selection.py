@@ -11,10 +11,10 @@ import torch
 from sklearn.base import clone
 
 from tests.conftest import in_ci
-from vefi.data import DataNotFoundError, load_dataset
+from vefi.book.data import DataNotFoundError, load_dataset
 from vefi.descriptors import descriptors, synthetic_descriptors
 from vefi.lasso import ConvergenceWarning, GramAccumulator, mu_lasso_objective
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.selection import RelevantFeatureSelector, one_hot
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from vefi import train as training
+from vefi.book import train as training
 from vefi.layers import layer_table
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 from tests.test_data import fake_idx_folder
 
@@ -21,7 +21,7 @@ def fake_fashion(tmp_path, monkeypatch):
 
 
 def test_training_is_deterministic(fake_fashion):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
 
     data = load_dataset("fashion-mnist", "train")
     hp = training.HyperParams(epochs=2, batch_size=16)
@@ -56,7 +56,7 @@ def test_pretrained_is_cached_and_a_damaged_cache_retrains(fake_fashion, monkeyp
 
 
 def test_cache_key_follows_hyperparameters_and_data(fake_fashion):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
 
     data = load_dataset("fashion-mnist", "train")
     model = build_model("fashion-mnist")
@@ -68,7 +68,7 @@ def test_cache_key_follows_hyperparameters_and_data(fake_fashion):
 
 
 def test_evaluate_confusion_matrix(fake_fashion):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
 
     data = load_dataset("fashion-mnist", "test")
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
-"""``python -m vefi``: see :mod:`vefi.cli`."""
+"""``python -m vefi``: see :mod:`vefi.book.cli`."""
 
 import sys
 
-from vefi.cli import main
+from vefi.book.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

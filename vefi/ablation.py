@@ -18,7 +18,7 @@ the next layer receives.
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
 >>> x = torch.rand(2, 1, 28, 28)
@@ -30,63 +30,20 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from vefi._cache import load_arrays, save_arrays
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.config import data_dir
-from vefi.data import load_dataset
 from vefi.descriptors import Feature, FeatureIndex
 from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
 
-__all__ = ["PAPER_FEATURE_COUNTS", "BOOK_IMAGES", "AblationResult", "book_images", "ablated", "ablation_accuracy",
-           "ablation_study", "feature_strength", "mean_class_accuracy", "random_like", "subsample"]
-
-#: Number of features mu-Lasso selected at mu=10 in the paper (Fig. 4 of Oramas et al. 2019), All | OnlyConv.
-PAPER_FEATURE_COUNTS = {
-    "mnist": (92, 101),
-    "fashion-mnist": (46, 28),
-    "an8flower-single": (104, 111),
-    "an8flower-double": (248, 180),
-}
-
-#: Test images the book measures on (a seeded subset), per study and dataset family: (full mode, quick mode).
-#: Heatmap studies are costlier per image than ablation (one backward pass per image and method).
-BOOK_IMAGES = {
-    "ablation": {"mnist": (2000, 300), "an8flower": (600, 60)},
-    "heatmaps": {"mnist": (300, 40), "an8flower": (120, 24)},
-}
-
-
-def book_images(name: str, study: str) -> int:
-    """Number of test images the book's chapters use for ``study`` ("ablation" or "heatmaps") on dataset
-    ``name``, in the current mode (see :data:`BOOK_IMAGES`).
-
-    Examples
-    --------
-    >>> book_images("fashion-mnist", "ablation") in (2000, 500)
-    True
-    """
-    from vefi.config import quick_mode
-
-    if study not in BOOK_IMAGES:
-        raise ValueError(f"study must be one of {sorted(BOOK_IMAGES)}, got {study!r}")
-    family = "an8flower" if name.startswith("an8flower") else "mnist"
-    return BOOK_IMAGES[study][family][1 if quick_mode() else 0]
-
-
-# Bump when the computation of a cached result changes, so that stale results are not reused.
-_RESULT_VERSION = 1
+__all__ = ["ablated", "ablation_accuracy", "feature_strength", "mean_class_accuracy", "random_like", "subsample"]
 
 
 def mean_class_accuracy(predicted, labels, n_classes: int | None = None) -> float:
@@ -255,7 +212,7 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> net = build_model("mnist")
     >>> acc = ablation_accuracy(net, torch.rand(20, 1, 28, 28), torch.arange(20) % 10, [[], [("fc2", 1)]])
@@ -325,7 +282,7 @@ def random_like(features: Sequence[Feature], index: FeatureIndex, seed: int) -> 
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> from vefi.descriptors import default_layers
     >>> index = FeatureIndex.from_layers(default_layers(build_model("mnist")))
     >>> picked = [index[0], index[1], index[40]]
@@ -367,159 +324,3 @@ def subsample(n_total: int, n: int | None, seed: int = 0) -> np.ndarray:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return np.sort(np.random.default_rng(int(seed)).permutation(n_total)[:n])
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The study of the chapter, cached
-
-@dataclass
-class AblationResult:
-    """Mean class accuracies of one network under ablation (what :func:`ablation_study` returns).
-
-    Attributes
-    ----------
-    dataset : str
-    mu : float
-    n_images : int
-        Test images measured on.
-    n_all, n_onlyconv : int
-        Features selected from every layer / from the convolutional part.
-    original : float
-        The intact network.
-    all, onlyconv : float
-        The selected features ablated.
-    random_all, random_onlyconv : numpy.ndarray, shape (n_random,)
-        As many random features from the same layers, one value per seeded draw.
-    curve_k : numpy.ndarray of int
-        Numbers of ablated features along the curve (the strongest ``k`` of "All").
-    curve_selected : numpy.ndarray, shape (len(curve_k),)
-    curve_random : numpy.ndarray, shape (len(curve_k), n_random)
-    counts_all, counts_onlyconv : dict
-        Selected features per layer (``"7 conv"`` -> count).
-    seconds : float
-        Time the measurement took when it was computed (also when this result came from the cache).
-    cached : bool
-        Whether this result was read from the disk cache.
-    """
-
-    dataset: str
-    mu: float
-    n_images: int
-    n_all: int
-    n_onlyconv: int
-    original: float
-    all: float
-    onlyconv: float
-    random_all: np.ndarray
-    random_onlyconv: np.ndarray
-    curve_k: np.ndarray
-    curve_selected: np.ndarray
-    curve_random: np.ndarray
-    counts_all: dict = field(default_factory=dict)
-    counts_onlyconv: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    cached: bool = False
-
-
-def _curve_points(n_features: int, n_points: int) -> np.ndarray:
-    """``n_points`` numbers of features from 0 to ``n_features``, denser at the start (geometric)."""
-    if n_features == 0:
-        return np.array([0])
-    inner = np.unique(np.round(np.geomspace(1, n_features, max(2, n_points - 1))).astype(int))
-    return np.unique(np.concatenate([[0], inner, [n_features]]))
-
-
-def _key(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def ablation_study(name: str, *, mu: float = 10.0, n_images: int | str | None = "book", n_random: int = 5,
-                   curve_points: int = 7, seed: int = 0, max_rows: int = 4096, use_cache: bool = True
-                   ) -> AblationResult:
-    """The paper's ablation (Fig. 4) for the book's network of dataset ``name``, cached on disk.
-
-    Measures the mean class accuracy on (a seeded subset of) the test set of: the intact network; the
-    network with the mu-Lasso features of every layer ablated ("All") and of the convolutional part only
-    ("OnlyConv"); and ``n_random`` seeded draws of as many random features from the same layers. Also a curve:
-    the strongest ``k`` features of "All" (by :func:`feature_strength`) ablated, for several ``k``, beside
-    random features from the same layers as those ``k``.
-
-    Parameters
-    ----------
-    name : str
-        A dataset of :data:`vefi.data.DATASETS`.
-    mu : float
-        L1 budget of the selection (the paper: 10).
-    n_images : int, "book" or None
-        Test images to measure on (a seeded random subset); "book" (default): :func:`book_images`; None: all.
-    n_random : int
-        Random draws per random control (seeds ``seed, seed + 1, ...``).
-    curve_points : int
-        About how many numbers of features along the curve.
-    seed : int
-        Seeds the test subset and the random draws.
-    max_rows : int
-        Images x configurations per forward pass.
-    use_cache : bool
-        Read and write the result under ``data/results`` (keyed by the model's weights and every parameter).
-
-    Examples
-    --------
-    >>> result = ablation_study("mnist", n_images=2000)  # doctest: +SKIP
-    >>> result.original, result.all, result.random_all.mean()  # doctest: +SKIP
-    """
-    import time
-
-    from vefi.relevant import model_fingerprint, relevant_features
-
-    if int(n_random) < 1:
-        raise ValueError(f"n_random must be >= 1, got {n_random}")
-    rel_all = relevant_features(name, mu)
-    rel_conv = relevant_features(name, mu, only_conv=True)
-    model = rel_all.model
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "ablation")
-    idx = subsample(len(data), n_images, seed)
-    params = {"what": "ablation", "v": _RESULT_VERSION, "dataset": name, "model": model_fingerprint(model),
-              "mu": float(mu), "n_test": len(data), "n_images": len(idx), "n_random": int(n_random),
-              "curve_points": int(curve_points), "seed": int(seed)}
-    path = data_dir() / "results" / f"ablation-{name}-{_key(params)}.npz"
-    counts_all = rel_all.index.count_per_layer(rel_all.selector.get_support())
-    counts_conv = rel_conv.index.count_per_layer(rel_conv.selector.get_support())
-    stored = load_arrays(path) if use_cache else None
-    if stored is not None:
-        return AblationResult(name, float(mu), len(idx), int(stored["n_all"]), int(stored["n_onlyconv"]),
-                              float(stored["original"]), float(stored["all"]), float(stored["onlyconv"]),
-                              stored["random_all"], stored["random_onlyconv"], stored["curve_k"],
-                              stored["curve_selected"], stored["curve_random"], counts_all, counts_conv,
-                              float(stored["seconds"]), True)
-
-    start = time.perf_counter()
-    sel_all, sel_conv = rel_all.features, rel_conv.features
-    strength = feature_strength(rel_all.selector.coef_)
-    support = np.flatnonzero(rel_all.selector.get_support())
-    ordered = [rel_all.index[j] for j in support[np.argsort(-strength[support], kind="stable")]]
-    ks = _curve_points(len(ordered), curve_points)
-    seeds = [int(seed) + r for r in range(int(n_random))]
-    configs = [[], sel_all, sel_conv]
-    configs += [random_like(sel_all, rel_all.index, s) for s in seeds]
-    configs += [random_like(sel_conv, rel_conv.index, s) for s in seeds]
-    for k in ks:
-        configs.append(ordered[:k])
-        configs += [random_like(ordered[:k], rel_all.index, 1000 * (int(k) + 1) + s) for s in seeds]
-    acc = ablation_accuracy(model, data.batch(torch.from_numpy(idx)), data.labels[idx], configs,
-                            n_classes=len(data.classes), max_rows=max_rows, desc=f"ablation {name}")
-    r = len(seeds)
-    random_all, random_conv = acc[3:3 + r], acc[3 + r:3 + 2 * r]
-    curve = acc[3 + 2 * r:].reshape(len(ks), 1 + r)
-    seconds = time.perf_counter() - start
-    arrays = dict(n_all=np.array(len(sel_all)), n_onlyconv=np.array(len(sel_conv)), original=np.array(acc[0]),
-                  all=np.array(acc[1]), onlyconv=np.array(acc[2]), random_all=random_all,
-                  random_onlyconv=random_conv, curve_k=ks, curve_selected=curve[:, 0], curve_random=curve[:, 1:],
-                  seconds=np.array(seconds))
-    if use_cache:
-        save_arrays(path, **arrays)
-    return AblationResult(name, float(mu), len(idx), len(sel_all), len(sel_conv), float(acc[0]), float(acc[1]),
-                          float(acc[2]), random_all, random_conv, ks, curve[:, 0], curve[:, 1:], counts_all,
-                          counts_conv, seconds, False)

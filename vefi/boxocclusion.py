@@ -27,26 +27,18 @@ Examples
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from vefi._cache import check_arrays, load_arrays, save_arrays
 from vefi._model_state import preserved
-from vefi.heatmaps import class_indices
+from vefi.targets import class_indices
 
-__all__ = ["PAPER_DROP_DIFFERENCE", "BASELINES", "OcclusionResult", "box_masks", "box_occlusion_study",
-           "confidence_drop", "default_box", "occlude", "sample_centres"]
+__all__ = ["BASELINES", "box_masks", "confidence_drop", "default_box", "occlude", "sample_centres"]
 
-#: The paper (Sec. 4.2): the mean confidence drop of its method and of Deconv+GB differ by about 2%.
-PAPER_DROP_DIFFERENCE = 0.02
 
 BASELINES = ("mean", "zero")
-
-_RESULT_VERSION = 1
 
 
 def _weights(heatmaps) -> torch.Tensor:
@@ -228,7 +220,7 @@ def confidence_drop(model: nn.Module, images: torch.Tensor, occluded: torch.Tens
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> x = torch.rand(4, 1, 28, 28)
     >>> p, drop = confidence_drop(build_model("mnist"), x, torch.cat([x, x]))
@@ -256,99 +248,3 @@ def confidence_drop(model: nn.Module, images: torch.Tensor, occluded: torch.Tens
     before = p0.gather(1, target.view(-1, 1))[:, 0]
     after = p1.gather(2, target.view(1, -1, 1).expand(p1.shape[0], -1, 1))[..., 0]
     return before.numpy(), (before.unsqueeze(0) - after).numpy()
-
-
-@dataclass
-class OcclusionResult:
-    """Confidence drops under heatmap-guided box occlusion (what :func:`box_occlusion_study` returns).
-
-    Attributes
-    ----------
-    dataset, method : str
-    confidence : numpy.ndarray (n,)
-        Softmax confidence of the predicted class on the intact images.
-    drop : numpy.ndarray (r, n)
-        Confidence drop per sampler draw and image.
-    coverage : numpy.ndarray (r, n)
-        Fraction of each image actually occluded.
-    n_images : int
-    seconds : float
-    cached : bool
-    """
-
-    dataset: str
-    method: str
-    confidence: np.ndarray
-    drop: np.ndarray
-    coverage: np.ndarray
-    n_images: int
-    seconds: float
-    cached: bool
-
-    @property
-    def mean_drop(self) -> float:
-        return float(self.drop.mean())
-
-    @property
-    def sem(self) -> float:
-        """Standard error of the mean drop over images (each image's drop averaged over the draws)."""
-        per_image = self.drop.mean(0)
-        return float(per_image.std(ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")
-
-
-def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, n_images: int | str | None = "book",
-                        n_draws: int = 3, coverage: float = 0.3, box: int | None = None, baseline="mean",
-                        seed: int = 0, batch_size: int = 50, use_cache: bool = True, **options
-                        ) -> OcclusionResult:
-    """Mean confidence drop when boxes sampled from ``method``'s heatmaps occlude ``coverage`` of each image.
-
-    The heatmaps explain the class the network predicts on the intact image; the drop is measured for that
-    class. Cached under ``data/results`` (keyed by the model's weights and every parameter).
-
-    Parameters
-    ----------
-    name : str
-        A dataset of :data:`vefi.data.DATASETS`.
-    method : str
-        A method of :data:`vefi.heatmaps.METHODS` (``ours``, ``deconv-gb`` and ``upsampled-activations``
-        use the features selected at ``mu``).
-    n_images : int, optional
-        A seeded random subset of the test set; "book" (default): :func:`vefi.ablation.book_images`; None: all.
-    n_draws : int
-        Sampler draws per image (the drop is averaged over them).
-    coverage, box, baseline
-        See :func:`box_masks` and :func:`occlude`.
-    seed : int
-    batch_size : int
-        Images per heatmap call.
-
-    Examples
-    --------
-    >>> box_occlusion_study("mnist", "ours").mean_drop  # doctest: +SKIP
-    """
-    from vefi.localisation import _study
-
-    if int(n_draws) < 1:
-        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-    study = _study("boxocclusion", "boxocc", name, method, mu, n_images, seed, options, n_draws=int(n_draws),
-                   coverage=float(coverage), box=box, baseline=repr(baseline))
-    idx = study.idx
-    n = len(idx)
-    spec = {"confidence": (np.float32, (n,)), "drop": (np.float32, (int(n_draws), n)),
-            "coverage": (np.float32, (int(n_draws), n)), "seconds": (np.float64, ())}
-    stored = load_arrays(study.path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
-    if stored is not None:
-        return OcclusionResult(name, method, stored["confidence"], stored["drop"], stored["coverage"], len(idx),
-                               float(stored["seconds"]), True)
-    start = time.perf_counter()
-    images = study.data.batch(torch.from_numpy(idx))
-    model = study.model
-    h = study.heatmaps(name, method, mu, images, None, batch_size)
-    masks = torch.cat([box_masks(h, coverage=coverage, box=box, seed=seed * 7919 + r) for r in range(n_draws)])
-    occluded = occlude(images.repeat(n_draws, 1, 1, 1), masks, baseline)
-    confidence, drop = confidence_drop(model, images, occluded)
-    cover = masks.float().mean((1, 2)).view(n_draws, -1).numpy()
-    seconds = time.perf_counter() - start
-    if use_cache:
-        save_arrays(study.path, confidence=confidence, drop=drop, coverage=cover, seconds=np.array(seconds))
-    return OcclusionResult(name, method, confidence, drop, cover, len(idx), seconds, False)

@@ -52,8 +52,8 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.heatmaps import class_indices
 from vefi.layers import check_images, check_scores
+from vefi.targets import target_classes
 
 __all__ = ["BASELINES", "SCORES", "PerturbationCurve", "perturbation_curve", "random_heatmaps",
            "Selectivity", "translation_path", "continuity", "Continuity", "gaussian_blur"]
@@ -89,31 +89,6 @@ def _positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
-
-
-def _forward(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits of ``images`` in eval mode and without gradients, in chunks; the model is left as it came."""
-    out = []
-    with preserved(model), torch.no_grad():
-        model.eval()
-        for start in range(0, images.shape[0], batch_size):
-            # each chunk goes to the model's device and dtype, as a data loader's batch would
-            chunk = check_images(images[start:start + batch_size], model=model, convert=True)
-            out.append(check_scores(model(chunk), chunk.shape[0]).float().cpu())
-    return torch.cat(out)
-
-
-def _targets(model: nn.Module, images: torch.Tensor, target, batch_size: int = 1024) -> torch.Tensor:
-    """``target`` as a LongTensor (n,): the predicted class when None."""
-    n = images.shape[0]
-    if target is None:
-        return _forward(model, images, batch_size).argmax(1)
-    target = class_indices(target)
-    if target.numel() == 1:
-        target = target.expand(n).clone()
-    if target.shape != (n,):
-        raise ValueError(f"target must be None, an int or {n} class indices, got shape {tuple(target.shape)}")
-    return target
 
 
 def _check_target_range(target: torch.Tensor, classes: int) -> None:
@@ -290,7 +265,7 @@ def perturbation_curve(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
         raise ValueError(f"steps must be <= {max_steps} ({count} patches of {patch}x{patch}, {per_step} per "
                          f"step), got {steps}")
 
-    target = _targets(model, images, target)
+    target = target_classes(model, images, target)
     # relevance of each patch; ties keep raster order (a stable sort), so the result is deterministic
     patch_relevance = torch.zeros(n, count, dtype=torch.float64).index_add_(
         1, index.flatten(), heatmaps.reshape(n, -1).cpu().double())
@@ -370,7 +345,7 @@ class Selectivity:
         ``explain(model, images, target)``."""
         images = check_images(images)
         if callable(heatmaps) and not isinstance(heatmaps, torch.Tensor):
-            target = _targets(model, images, target)
+            target = target_classes(model, images, target)
             heatmaps = heatmaps(model, images, target)
         return perturbation_curve(model, images, heatmaps, target, **self.options)
 
@@ -529,7 +504,7 @@ class Continuity:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The path (n, T, C, H, W) and its heatmaps (n, T, H, W), explained in one call."""
         images = check_images(images)
-        target = _targets(model, images, target)
+        target = target_classes(model, images, target)
         path = self.path(images)
         n, t = path.shape[:2]
         maps = explain(model, path.reshape(n * t, *path.shape[2:]), target.repeat_interleave(t))

@@ -33,7 +33,7 @@ from vefi._model_state import preserved
 from vefi._progress import progress
 from vefi.layers import Layer, check_images, layer_table, resolve_layer
 
-__all__ = ["Feature", "FeatureIndex", "Descriptors", "default_layers", "descriptors", "synthetic_descriptors"]
+__all__ = ["Feature", "FeatureIndex", "Descriptors", "DescriptorStream", "default_layers", "descriptors", "synthetic_descriptors"]
 
 _DUPLICATING_KINDS = ("dropout", "flatten")
 
@@ -65,7 +65,7 @@ class FeatureIndex:
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> index = FeatureIndex.from_layers(default_layers(build_model("mnist"))[:2])
     >>> len(index), index[33]
     (64, Feature(layer_number=2, layer_name='relu1', kind='relu', channel=1))
@@ -164,7 +164,7 @@ def default_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None,
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> [layer.name for layer in default_layers(build_model("mnist"))]  # doctest: +NORMALIZE_WHITESPACE
     ['conv1', 'relu1', 'pool1', 'conv2', 'relu2', 'conv3', 'relu3', 'fc1', 'relu4', 'fc2', 'relu5']
     """
@@ -212,6 +212,116 @@ def _length(data, batch_size: int) -> int | None:
     return n
 
 
+class DescriptorStream:
+    """Descriptors of ``data`` under ``model``, batch by batch: iterate for ``(X_batch, labels)`` pairs.
+
+    Each iteration is one pass over ``data`` (so a re-iterable source, a tensor, Dataset or DataLoader, can be
+    streamed several times), yielding the (n, m) float32 descriptors of each batch and its labels (or None);
+    only one batch is held at a time. The hooks are in place during a pass only, and the model is left as
+    it came when the pass ends, also when it is abandoned or raises. Parameters as :func:`descriptors`.
+
+    Attributes
+    ----------
+    index : FeatureIndex
+        What each descriptor column is.
+    n_batches : int or None
+        Batches per pass, when ``data`` has a length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    >>> stream = DescriptorStream(model, torch.rand(10, 1, 8, 8), batch_size=4, show_progress=False)
+    >>> [x.shape for x, _ in stream], len(stream.index)
+    ([(4, 8), (4, 8), (2, 8)], 8)
+    """
+
+    def __init__(self, model: nn.Module, data, layers: Iterable[int | str | Layer] | None = None, *,
+                 squared: bool = False, normalize: bool = True, l2_normalize: bool = False, batch_size: int = 128,
+                 input_shape: tuple[int, ...] | None = None, show_progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if input_shape is None:
+            input_shape = getattr(model, "input_shape", None)
+            if input_shape is None and isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim >= 2:
+                input_shape = tuple(data.shape[1:])
+        table = layer_table(model, input_shape)
+        if layers is None:
+            chosen = default_layers(model, input_shape)
+        else:
+            if isinstance(layers, (int, str, Layer)):
+                layers = [layers]
+            chosen = [resolve_layer(table, key) for key in layers]
+            if not chosen:
+                raise ValueError("layers is empty: name at least one layer, or pass None for the default")
+            numbers = [layer.number for layer in chosen]
+            if len(set(numbers)) != len(numbers):
+                raise ValueError(f"layers named more than once: "
+                                 f"{sorted(n for n in set(numbers) if numbers.count(n) > 1)}")
+            chosen = sorted(chosen, key=lambda layer: layer.number)
+        self.model, self.data, self.input_shape = model, data, input_shape
+        self.layers = chosen
+        self.index = FeatureIndex.from_layers(chosen)
+        self.squared, self.normalize, self.l2_normalize = bool(squared), bool(normalize), bool(l2_normalize)
+        self.batch_size, self.show_progress = int(batch_size), bool(show_progress)
+        self.n_batches = _length(data, self.batch_size)
+
+    def __iter__(self):
+        model, chosen, squared = self.model, self.layers, self.squared
+        per_batch: dict[int, torch.Tensor] = {}
+
+        def make_hook(number: int):
+            def hook(module, inputs, output):
+                if number in per_batch:
+                    return  # a module called twice keeps its first call, as in layer_table
+                out = output.detach()
+                # Reduced right here, before any later in-place op (ReLU) can overwrite ``out``.
+                if out.dim() > 2:
+                    flat = out.flatten(2)
+                    value = flat.square().sum(2) if squared else torch.linalg.vector_norm(flat, dim=2)
+                else:
+                    value = out.square() if squared else out.abs()
+                per_batch[number] = value.to(torch.float32)
+            return hook
+
+        with preserved(model):
+            handles = []
+            try:
+                for layer in chosen:
+                    handles.append(layer.module.register_forward_hook(make_hook(layer.number)))
+                model.eval()
+                with torch.no_grad():
+                    extra = {} if self.show_progress else {"disable": True}
+                    bar = progress(_batches(self.data, self.batch_size), desc="descriptors",
+                                   total=self.n_batches, **extra)
+                    for images, batch_labels in bar:
+                        # batches of a loader come on the CPU, often as float64 from numpy: moved to the
+                        # model's device and dtype, after the checks every tool makes (shape, NaN/Inf)
+                        images = check_images(images, self.input_shape, model=model, convert=True)
+                        per_batch.clear()
+                        model(images)
+                        blocks = []
+                        for layer in chosen:
+                            block = per_batch[layer.number]
+                            if self.normalize:
+                                # A block that is all zero (a dead layer) stays zero instead of becoming NaN.
+                                block = block / block.sum(1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
+                            blocks.append(block)
+                        x = torch.cat(blocks, 1)
+                        if self.l2_normalize:
+                            x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
+                        labels = (None if batch_labels is None
+                                  else torch.as_tensor(batch_labels).reshape(-1).cpu().numpy())
+                        yield x.cpu().numpy(), labels
+            finally:
+                for h in handles:
+                    h.remove()
+                per_batch.clear()
+
+
 def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | None = None, *,
                 squared: bool = False, normalize: bool = True, l2_normalize: bool = False, batch_size: int = 128,
                 input_shape: tuple[int, ...] | None = None, show_progress: bool = True) -> Descriptors:
@@ -251,91 +361,26 @@ def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | No
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> X, index, y = descriptors(build_model("mnist"), torch.rand(5, 1, 28, 28), show_progress=False)
     >>> X.shape, index[0]
     ((5, 1120), Feature(layer_number=1, layer_name='conv1', kind='conv', channel=0))
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if input_shape is None:
-        input_shape = getattr(model, "input_shape", None)
-        if input_shape is None and isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim >= 2:
-            input_shape = tuple(data.shape[1:])
-    table = layer_table(model, input_shape)
-    if layers is None:
-        chosen = default_layers(model, input_shape)
-    else:
-        if isinstance(layers, (int, str, Layer)):
-            layers = [layers]
-        chosen = [resolve_layer(table, key) for key in layers]
-        if not chosen:
-            raise ValueError("layers is empty: name at least one layer, or pass None for the default")
-        numbers = [layer.number for layer in chosen]
-        if len(set(numbers)) != len(numbers):
-            raise ValueError(f"layers named more than once: {sorted(n for n in set(numbers) if numbers.count(n) > 1)}")
-        chosen = sorted(chosen, key=lambda layer: layer.number)
-    index = FeatureIndex.from_layers(chosen)
-
-    per_batch: dict[int, torch.Tensor] = {}
-
-    def make_hook(number: int):
-        def hook(module, inputs, output):
-            if number in per_batch:
-                return  # a module called twice keeps its first call, as in layer_table
-            out = output.detach()
-            # Reduced right here, before any later in-place op (ReLU) can overwrite ``out``.
-            if out.dim() > 2:
-                flat = out.flatten(2)
-                value = flat.square().sum(2) if squared else torch.linalg.vector_norm(flat, dim=2)
-            else:
-                value = out.square() if squared else out.abs()
-            per_batch[number] = value.to(torch.float32)
-        return hook
-
+    stream = DescriptorStream(model, data, layers, squared=squared, normalize=normalize,
+                              l2_normalize=l2_normalize, batch_size=batch_size, input_shape=input_shape,
+                              show_progress=show_progress)
     rows, labels, n_unlabelled = [], [], 0
-    with preserved(model):
-        handles = []
-        try:
-            for layer in chosen:
-                handles.append(layer.module.register_forward_hook(make_hook(layer.number)))
-            model.eval()
-            with torch.no_grad():
-                extra = {} if show_progress else {"disable": True}
-                bar = progress(_batches(data, int(batch_size)), desc="descriptors",
-                               total=_length(data, int(batch_size)), **extra)
-                for images, batch_labels in bar:
-                    # batches of a loader come on the CPU, often as float64 from numpy: moved to the model's
-                    # device and dtype, after the checks every tool makes (shape, NaN/Inf)
-                    images = check_images(images, input_shape, model=model, convert=True)
-                    per_batch.clear()
-                    model(images)
-                    blocks = []
-                    for layer in chosen:
-                        block = per_batch[layer.number]
-                        if normalize:
-                            # A block that is all zero (a dead layer) stays zero instead of becoming NaN.
-                            block = block / block.sum(1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
-                        blocks.append(block)
-                    x = torch.cat(blocks, 1)
-                    if l2_normalize:
-                        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
-                    rows.append(x.cpu().numpy())
-                    if batch_labels is None:
-                        n_unlabelled += 1
-                    else:
-                        labels.append(torch.as_tensor(batch_labels).reshape(-1).cpu().numpy())
-        finally:
-            for h in handles:
-                h.remove()
-            per_batch.clear()
+    for x, batch_labels in stream:
+        rows.append(x)
+        if batch_labels is None:
+            n_unlabelled += 1
+        else:
+            labels.append(batch_labels)
     if not rows:
         raise ValueError("no images: the data yielded no batch")
     X = np.concatenate(rows, axis=0)
     y = np.concatenate(labels) if labels and n_unlabelled == 0 else None
-    return Descriptors(X, index, y)
+    return Descriptors(X, stream.index, y)
 
 
 def synthetic_descriptors(n_samples: int, block_sizes: Sequence[int], n_classes: int = 10, *,

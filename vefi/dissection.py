@@ -154,7 +154,7 @@ def dissect(model: nn.Module, data, layers, *, quantile: float = 0.995, index=No
     ----------
     model : torch.nn.Module
         Left exactly as it came.
-    data : vefi.data.ImageSet
+    data : vefi.book.data.ImageSet
         With ``.parts`` (N, P, H, W) and ``.part_names``; ``.masks`` (N, H, W) adds the "discriminative"
         concept when ``include_discriminative``.
     layers : int, str or list of them
@@ -172,8 +172,8 @@ def dissect(model: nn.Module, data, layers, *, quantile: float = 0.995, index=No
 
     Examples
     --------
-    >>> from vefi.data import load_dataset  # doctest: +SKIP
-    >>> from vefi.train import pretrained  # doctest: +SKIP
+    >>> from vefi.book.data import load_dataset  # doctest: +SKIP
+    >>> from vefi.book.train import pretrained  # doctest: +SKIP
     >>> [d.iou.shape for d in dissect(pretrained("an8flower-single"), load_dataset("an8flower-single", "test"),
     ...                               ["conv2"])]  # doctest: +SKIP
     [(64, 5)]

@@ -2,12 +2,17 @@
 
 For an image with descriptor ``x`` (one entry per channel of the layers the selector was fitted on, computed
 by :func:`vefi.descriptors.descriptors` with its default settings, exactly like the training descriptors) and
-a class ``c`` with mu-Lasso weights ``w_c`` (``relevant.selector.coef_[c]``), the *contribution* of feature
-``i`` is::
+a class ``c`` with mu-Lasso weights ``w_c`` (the row of ``relevant.selector.coef_`` for ``c``), the paper's
+*contribution* of feature ``i`` is the weighted response (``score="paper"``, the default)::
 
-    s_i = x_i * w_ci / sum_j w_cj
+    r_i = w_ci * x_i
 
-The explanation keeps the features with ``s_i > 0``, takes the ``k`` largest (the paper: 3), back-projects
+The authors' released demo divides by the sum of the class's weights, ``x_i * w_ci / sum_j w_cj``
+(``score="demo"``). Where ``sum_j w_cj > 0`` that only rescales the scores of the class, so both forms pick
+the same features; where it is negative the division flips every sign, and the demo keeps the features that
+speak *against* the class.
+
+The explanation keeps the features with a positive contribution, takes the ``k`` largest (the paper: 3), back-projects
 each one from its actual activation map (all other channels zero) with guided backprop and the stride fix
 (:func:`vefi.backproject.backproject`), min-max normalises each map to [0, 1]
 (:func:`vefi.backproject.heatmap`), and combines them by their pixel-wise maximum.
@@ -33,11 +38,12 @@ from torch import nn
 from vefi._model_state import preserved
 from vefi.backproject import backproject, heatmap
 from vefi.descriptors import Feature, descriptors
-from vefi.heatmaps import class_indices
 from vefi.layers import check_images, check_scores, layer_table
 from vefi.plotting import LAYER_COLOURS, to_display
+from vefi.relevant import model_fingerprint
+from vefi.targets import class_indices
 
-__all__ = ["MAPS", "Explanation", "explain", "contributions", "check_compatible", "feature_colour",
+__all__ = ["MAPS", "SCORES", "Explanation", "explain", "contributions", "check_compatible", "feature_colour",
            "background_share", "background_ratio", "explanation_figure", "upsampled_maps"]
 
 MAPS = ("backproject", "upsampled")
@@ -58,7 +64,7 @@ class Explanation:
     features : list of n lists of Feature
         The top (at most k) features per image, largest contribution first.
     scores : list of n lists of float
-        Their contributions ``x * w_c / sum(w_c)``, same order.
+        Their contributions (``w_c * x``, or the demo's ``x * w_c / sum(w_c)``), same order.
     maps : Tensor (n, k, H, W)
         Each feature's map, min-max normalised to [0, 1]; zero where an image has fewer than k features.
     heatmap : Tensor (n, H, W)
@@ -209,8 +215,9 @@ def check_compatible(model: nn.Module, relevant) -> list:
     model's layer table.
 
     The index's layers must be the model's (number, name, type and shapes), the selector's weights must have
-    one column per descriptor feature and one row per model output, and if ``relevant.model`` is a different
-    object its weights must equal ``model``'s (:func:`vefi.relevant.model_fingerprint`).
+    one column per descriptor feature and one row per class of ``relevant.classes``, each an output of the
+    model, and if ``relevant.model`` is a different object its weights must equal ``model``'s
+    (:func:`vefi.relevant.model_fingerprint`).
 
     Raises
     ------
@@ -219,16 +226,18 @@ def check_compatible(model: nn.Module, relevant) -> list:
     ValueError
         Any mismatch, saying which.
     """
-    from vefi.relevant import model_fingerprint
-
-    for attribute in ("index", "selector"):
+    for attribute in ("index", "selector", "classes", "input_shape"):
         if not hasattr(relevant, attribute):
-            raise TypeError(f"relevant must be a vefi.relevant.RelevantFeatures (from relevant_features), got "
+            raise TypeError(f"relevant must be a vefi.relevant.RelevantFeatures (from vefi.select_features), got "
                             f"{type(relevant).__name__}")
     coef = getattr(relevant.selector, "coef_", None)
     if coef is None:
         raise TypeError("relevant.selector is not fitted (it has no coef_)")
-    table = layer_table(model)
+    try:
+        table = layer_table(model, relevant.input_shape)
+    except RuntimeError as error:
+        raise ValueError(f"the selector was fitted on another model: its images of shape "
+                         f"{tuple(relevant.input_shape)} do not run through this one ({error})") from error
     for layer in relevant.index.layers:
         if not 1 <= layer.number <= len(table):
             raise ValueError(f"the selector was fitted on another model: its layer {layer.label} "
@@ -243,9 +252,10 @@ def check_compatible(model: nn.Module, relevant) -> list:
         raise ValueError(f"the selector's weights have {coef.shape[1]} columns but its index describes "
                          f"{len(relevant.index)} features")
     outputs = table[-1].output_shape
-    if len(outputs) != 1 or outputs[0] != coef.shape[0]:
-        raise ValueError(f"the selector has weights for {coef.shape[0]} classes but the model outputs "
-                         f"{outputs}")
+    if len(outputs) != 1 or coef.shape[0] != len(relevant.classes) or \
+            not all(0 <= c < outputs[0] for c in relevant.classes):
+        raise ValueError(f"the selector has weights for {coef.shape[0]} classes {list(relevant.classes)[:10]} but "
+                         f"the model outputs {outputs}")
     other = getattr(relevant, "model", None)
     if other is not None and other is not model and model_fingerprint(other) != model_fingerprint(model):
         raise ValueError("the selector was fitted on another model: relevant.model has different weights from "
@@ -254,6 +264,7 @@ def check_compatible(model: nn.Module, relevant) -> list:
 
 
 def _check_target(target, n: int, n_classes: int, predicted: torch.Tensor) -> torch.Tensor:
+    """``target`` as one class index per image (LongTensor (n,) on the CPU); None: ``predicted``."""
     if target is None:
         return predicted.clone()
     shape = tuple(target.shape) if isinstance(target, (torch.Tensor, np.ndarray)) else None
@@ -270,20 +281,36 @@ def _check_target(target, n: int, n_classes: int, predicted: torch.Tensor) -> to
     return target.cpu()
 
 
-def contributions(X: np.ndarray, coef: np.ndarray, target, support: np.ndarray | None = None) -> np.ndarray:
-    """Contribution ``x_i * w_ci / sum_j w_cj`` of every feature ``i`` to class ``c = target[r]``, for every
-    row ``r`` of the descriptors ``X`` (N, m); features outside ``support`` (m,) get 0, and so does every
-    feature of a class whose weights sum to 0.
+SCORES = ("paper", "demo")
+
+
+def contributions(X: np.ndarray, coef: np.ndarray, rows, support: np.ndarray | None = None, *,
+                  score: str = "paper") -> np.ndarray:
+    """Contribution of every feature ``i`` to the class of weight row ``c = rows[r]``, for every row ``r`` of
+    the descriptors ``X`` (N, m): the paper's ``w_ci * x_i`` (``score="paper"``) or the authors' demo's
+    ``x_i * w_ci / sum_j w_cj`` (``score="demo"``; every feature of a class whose weights sum to 0 gets 0).
+    Features outside ``support`` (m,) get 0.
 
     Examples
     --------
-    >>> contributions(np.array([[1.0, 2.0, 0.5]]), np.array([[1.0, 3.0, 0.0]]), [0]).tolist()
-    [[0.25, 1.5, 0.0]]
+    >>> X, coef = np.array([[1.0, 2.0, 0.5]]), np.array([[1.0, 3.0, 0.0]])
+    >>> contributions(X, coef, [0]).tolist(), contributions(X, coef, [0], score="demo").tolist()
+    ([[1.0, 6.0, 0.0]], [[0.25, 1.5, 0.0]])
+
+    When the weights sum to a negative number, the demo's division flips the ranking:
+
+    >>> contributions(X, -coef, [0]).tolist(), contributions(X, -coef, [0], score="demo").tolist()
+    ([[-1.0, -6.0, -0.0]], [[0.25, 1.5, 0.0]])
     """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     X = np.asarray(X, dtype=np.float64)
-    W = np.asarray(coef, dtype=np.float64)[np.asarray(target, dtype=np.int64)]
-    total = W.sum(1, keepdims=True)
-    scores = np.divide(X * W, total, out=np.zeros_like(X), where=total != 0)
+    W = np.asarray(coef, dtype=np.float64)[np.asarray(rows, dtype=np.int64)]
+    if score == "paper":
+        scores = X * W
+    else:
+        total = W.sum(1, keepdims=True)
+        scores = np.divide(X * W, total, out=np.zeros_like(X), where=total != 0)
     if support is not None:
         scores = scores * np.asarray(support, dtype=bool)
     return scores
@@ -325,7 +352,7 @@ def upsampled_maps(model: nn.Module, images: torch.Tensor, features: list[list[t
 
 
 def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k: int = 3, stride_fix: bool = True,
-            maps: str = "backproject") -> Explanation:
+            maps: str = "backproject", score: str = "paper") -> Explanation:
     """Explain the model's decision for each image by its top-k relevant features (Sec. 3.2).
 
     Parameters
@@ -335,9 +362,10 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     images : Tensor (n, C, H, W) or (C, H, W)
         Float images in [0, 1], of the model's input shape.
     relevant : vefi.relevant.RelevantFeatures
-        The selected features and their weights (:func:`vefi.relevant.relevant_features`).
-    target : None, int or LongTensor (n,)
-        The class to explain: default each image's predicted class.
+        The selected features and their weights (:func:`vefi.select_features`).
+    target : None, int, sequence of int or LongTensor (n,)
+        The class to explain (an output of the model, one of ``relevant.classes``): default each image's
+        predicted class among ``relevant.classes``.
     k : int
         Most features per image (the paper: 3). A ``k`` larger than the number of features the selector kept
         is lowered to that number (``maps`` then has that many slots).
@@ -346,6 +374,9 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     maps : {"backproject", "upsampled"}
         ``"upsampled"``: the features' activation maps upsampled to the image (bilinear) instead of
         back-projected, the paper's "upsampled activations" baseline (an fc feature's map is then zero).
+    score : {"paper", "demo"}
+        How features are ranked (:func:`contributions`): the paper's ``w_c * x`` or the demo's
+        ``x * w_c / sum(w_c)``.
 
     Returns
     -------
@@ -361,9 +392,9 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
 
     Examples
     --------
-    >>> from vefi.relevant import relevant_features
-    >>> from vefi.train import pretrained
-    >>> from vefi.data import load_dataset
+    >>> from vefi.book.relevant import relevant_features
+    >>> from vefi.book.train import pretrained
+    >>> from vefi.book.data import load_dataset
     >>> model, rel = pretrained("mnist"), relevant_features("mnist")  # doctest: +SKIP
     >>> e = explain(model, load_dataset("mnist", "test").batch(range(4)), rel)  # doctest: +SKIP
     >>> e.heatmap.shape  # doctest: +SKIP
@@ -377,23 +408,28 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
         raise ValueError(f"k must be at least 1, got {k}")
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     table = check_compatible(model, relevant)
     # the result comes back on the CPU: images are moved to the model's device and dtype, as descriptors does
-    images = check_images(images, getattr(model, "input_shape", None) or table[0].input_shape, model=model,
-                          convert=True)
+    images = check_images(images, relevant.input_shape, model=model, convert=True)
     n = images.shape[0]
     coef = relevant.selector.coef_
     # no image can have more features than the selector kept: a larger k would only allocate empty maps
     k = max(1, min(int(k), int(np.count_nonzero(relevant.selector.get_support()))))
 
-    X, _, _ = descriptors(model, images, [layer.number for layer in relevant.index.layers], show_progress=False)
+    X, _, _ = descriptors(model, images, [layer.number for layer in relevant.index.layers],
+                          input_shape=relevant.input_shape, show_progress=False)
+    classes_of_interest = torch.as_tensor(relevant.classes, dtype=torch.long)
     with preserved(model):
         model.eval()
         with torch.no_grad():
-            predicted = check_scores(model(images), n).argmax(1).cpu()
-    target = _check_target(target, n, coef.shape[0], predicted)
+            scores_out = check_scores(model(images), n).cpu()
+    # the prediction among the classes the features were selected for (all outputs, usually)
+    predicted = classes_of_interest[scores_out[:, classes_of_interest].argmax(1)]
+    target = _check_target(target, n, scores_out.shape[1], predicted)
 
-    scores = contributions(X, coef, target.numpy(), relevant.selector.get_support())
+    scores = contributions(X, coef, relevant.row(target.numpy()), relevant.selector.get_support(), score=score)
     chosen_features, chosen_scores = [], []
     for row in scores:
         order = np.argsort(-row, kind="stable")[:k]
@@ -421,7 +457,7 @@ def explain(model: nn.Module, images: torch.Tensor, relevant, *, target=None, k:
     combined = out.amax(1)
 
     first_fc = next((layer.number for layer in table if layer.kind == "fc"), None)
-    classes = list(getattr(model, "classes", None) or range(coef.shape[0]))
+    classes = list(getattr(model, "classes", None) or range(scores_out.shape[1]))
     if maps == "upsampled":
         method = "upsampled activations"
     else:

@@ -198,7 +198,7 @@ def layer_grid_energy(model, images: torch.Tensor, layers, period, *, margin: in
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> scores = layer_grid_energy(build_model("mnist"), torch.rand(3, 1, 28, 28), ["conv2", "fc1"], 2)
     >>> tuple(scores.shape)

@@ -30,7 +30,7 @@ LRP maps are the relevance summed over colour channels. The first three need ``r
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> from vefi.heatmaps import compute, normalise
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
@@ -43,15 +43,15 @@ Examples
 
 from __future__ import annotations
 
-import numbers
-
-import numpy as np
 import torch
 from torch import nn
 
-from vefi.layers import check_images, check_scores
+from vefi.layers import check_images
+from vefi.targets import resolve_target
 
-__all__ = ["METHODS", "class_indices", "compute", "normalise"]
+__all__ = ["METHODS", "compute", "normalise"]
+
+_resolve_target = resolve_target  # TEMPORARY: the old private name, while other modules move to vefi.targets
 
 METHODS = ("ours", "deconv-gb", "upsampled-activations", "gradient", "gradient-x-input", "lrp-epsilon",
            "lrp-zplus", "lrp-alpha1beta0", "lrp-alpha2beta1", "lrp-composite", "occlusion", "grad-cam",
@@ -63,66 +63,6 @@ _EXPLAIN = {"ours": {"stride_fix": True, "maps": "backproject"},
             "deconv-gb": {"stride_fix": False, "maps": "backproject"},
             "upsampled-activations": {"stride_fix": True, "maps": "upsampled"}}
 
-
-
-def class_indices(target) -> torch.Tensor:
-    """A target given as class indices, as a 1-D LongTensor: an int, an integer tensor or array, or a
-    sequence of ints. Anything else, floats above all, is refused: a class index is never rounded
-    (``target=2.7`` is not class 2).
-
-    Every function of vefi that takes ``target=`` converts it with this; None (the predicted class), the
-    number of rows and the range of classes are the caller's business.
-
-    Examples
-    --------
-    >>> class_indices(3).tolist(), class_indices([1, 2]).tolist()
-    ([3], [1, 2])
-    >>> class_indices([2.7])
-    Traceback (most recent call last):
-    ...
-    TypeError: target must be class indices (an int, an integer tensor or a sequence of ints), got [2.7]
-    """
-    def refuse():
-        shown = repr(target) if not isinstance(target, torch.Tensor) else f"a tensor of dtype {target.dtype}"
-        return TypeError("target must be class indices (an int, an integer tensor or a sequence of ints), got "
-                         f"{shown[:200]}")
-
-    if isinstance(target, bool):
-        raise refuse()
-    if isinstance(target, numbers.Integral):
-        return torch.tensor([int(target)], dtype=torch.long)
-    if isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise refuse()
-        return target.detach().reshape(-1).long()
-    if hasattr(target, "__array__") and not isinstance(target, (list, tuple)):  # a numpy array
-        array = np.asarray(target)
-        if array.dtype.kind not in "iu":
-            raise refuse()
-        return torch.as_tensor(array.reshape(-1), dtype=torch.long)
-    if isinstance(target, (list, tuple, range)):
-        items = [t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point()
-                 and t.dtype != torch.bool else t for t in target]
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
-            raise refuse()
-        return torch.tensor([int(t) for t in items], dtype=torch.long)
-    raise refuse()
-
-
-def _resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
-    """The target class of every row as a LongTensor (n,): the predicted class when ``target`` is None."""
-    logits = check_scores(logits)
-    n, classes = logits.shape
-    if target is None:
-        return logits.detach().argmax(1)
-    target = class_indices(target).to(logits.device)
-    if target.numel() == 1:
-        target = target.expand(n)
-    elif target.numel() != n:
-        raise ValueError(f"target must be one class or one per image ({n}), got {target.numel()}")
-    if target.min() < 0 or target.max() >= classes:
-        raise ValueError(f"target classes must lie in [0, {classes - 1}], got {target.tolist()}")
-    return target
 
 
 def normalise(h: torch.Tensor) -> torch.Tensor:
@@ -187,7 +127,7 @@ def compute(method: str, model: nn.Module, images: torch.Tensor, target=None, **
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> net = build_model("mnist")
     >>> compute("random", net, torch.rand(2, 1, 28, 28), seed=1).shape

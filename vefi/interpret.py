@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from vefi._model_state import preserved
 from vefi._progress import progress
@@ -66,8 +67,8 @@ class AverageImage:
     whole_image: bool
 
 
-def _as_features(model, features) -> list[tuple]:
-    table = layer_table(model)
+def _as_features(model, features, input_shape=None) -> list[tuple]:
+    table = layer_table(model, input_shape)
     out = []
     for f in features:
         if not isinstance(f, (tuple, list)) or len(f) < 2:
@@ -83,28 +84,48 @@ def _as_features(model, features) -> list[tuple]:
     return out
 
 
+def _indexable(data):
+    """``data`` as something images can be taken from by index: a loader's dataset, or ``data`` itself."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if not (isinstance(data, (torch.Tensor, np.ndarray)) or hasattr(data, "batch")
+            or (hasattr(data, "__getitem__") and hasattr(data, "__len__"))):
+        raise TypeError(f"data must be images (N, C, H, W), a Dataset of (image, label) items or a DataLoader "
+                        f"over one (average images takes images back by index), got {type(data).__name__}")
+    return data
+
+
 def _get_images(data, idx: np.ndarray) -> torch.Tensor:
     if hasattr(data, "batch"):
         return data.batch(idx)
-    images = data[torch.as_tensor(idx)] if isinstance(data, torch.Tensor) else torch.as_tensor(data[idx])
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        images = data[torch.as_tensor(idx)] if isinstance(data, torch.Tensor) else torch.as_tensor(data[idx])
+    else:  # a Dataset of (image, label) items or of images
+        items = [data[int(i)] for i in idx]
+        images = torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+                              for item in items])
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 def average_images(model: nn.Module, data, features, *, top: int = 100, batch_size: int = 250,
-                   show_progress: bool = True) -> list[AverageImage]:
+                   input_shape: tuple[int, ...] | None = None, show_progress: bool = True) -> list[AverageImage]:
     """For each feature, the average of its ``top`` images cropped at its maximum response (Fig. 5).
 
     Parameters
     ----------
     model : torch.nn.Module
         Left exactly as it came.
-    data : vefi.data.ImageSet or Tensor (N, C, H, W)
-        The images to rank (an ImageSet, or float images in [0, 1]).
+    data : Tensor (N, C, H, W), Dataset or DataLoader
+        The images to rank: float images in [0, 1] (uint8 ones are divided by 255), a Dataset of
+        ``(image, label)`` items (or of images), or a DataLoader over such a Dataset (its order is the
+        Dataset's; images are taken back from it by index).
     features : sequence of Feature or (layer, channel)
         E.g. ``relevant.per_class[c][:3]``.
     top : int
         How many images per feature (at most the number of images).
     batch_size : int
+    input_shape : tuple of int, optional
+        Shape of one image; default ``model.input_shape`` or the data's.
     show_progress : bool
 
     Returns
@@ -114,7 +135,7 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> avg = average_images(build_model("mnist"), torch.rand(20, 1, 28, 28), [("conv2", 3), ("fc1", 0)],
     ...                      top=5, show_progress=False)
@@ -130,21 +151,25 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
             raise ValueError(f"data must be images (N, C, H, W), got shape {tuple(data.shape)}")
         if data.is_floating_point() and not torch.isfinite(data).all():
             raise ValueError("data contain NaN or Inf values")
+    data = _indexable(data)
     n = len(data)
     if n == 0:
         raise ValueError("no images: data is empty")
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None) or tuple(_get_images(data, np.arange(1)).shape[1:])
     if top > n:
         raise ValueError(f"top={top} is more than the {n} images in data")
-    chosen = _as_features(model, features)
+    chosen = _as_features(model, features, input_shape)
     if not chosen:
         raise ValueError("features is empty: name at least one (layer, channel)")
-    fields = receptive_fields(model)
+    fields = receptive_fields(model, input_shape)
     numbers = sorted({layer.number for layer, _ in chosen})
 
     # pass 1: responses of every image, only for the layers needed (each block is normalised on its own, so
     # these columns equal those of the full descriptor)
     source = data if not isinstance(data, torch.Tensor) or data.is_floating_point() else data.float() / 255
-    X, index, _ = descriptors(model, source, numbers, batch_size=batch_size, show_progress=show_progress)
+    X, index, _ = descriptors(model, source, numbers, batch_size=batch_size, input_shape=input_shape,
+                              show_progress=show_progress)
     columns = [index.column(layer.number, channel) for layer, channel in chosen]
     order = np.argsort(-X[:, columns], axis=0, kind="stable")[:top]          # (top, F)
     responses = np.take_along_axis(X[:, columns], order, axis=0)

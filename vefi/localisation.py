@@ -28,34 +28,18 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from vefi._cache import check_arrays, load_arrays, save_arrays
 from vefi._progress import progress
-from vefi.config import data_dir
-from vefi.data import load_dataset
 
-__all__ = ["PAPER_MEAN_IOU", "THRESHOLDS", "LocalisationResult", "area_under_curve", "book_options", "iou_curve",
-           "localisation_study", "method_heatmaps"]
+__all__ = ["THRESHOLDS", "area_under_curve", "iou_curve", "method_heatmaps"]
 
-#: Mean IoU of the paper's Fig. 9 (an8Flower single-6c, double-12c).
-PAPER_MEAN_IOU = {
-    "upsampled-activations": {"an8flower-single": 0.15, "an8flower-double": 0.19},
-    "deconv-gb": {"an8flower-single": 0.22, "an8flower-double": 0.20},
-    "ours": {"an8flower-single": 0.23, "an8flower-double": 0.21},
-}
 
 #: The default thresholds: 0 to 1 in steps of 0.05.
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 21), 10)
-
-_RESULT_VERSION = 1
 
 
 def _as_heatmaps(heatmaps) -> torch.Tensor:
@@ -137,27 +121,13 @@ def area_under_curve(curve, thresholds: Sequence[float] = THRESHOLDS) -> float:
     return float(np.sum((curve[1:] + curve[:-1]) * np.diff(t)) / 2)
 
 
-def book_options(method: str, name: str) -> dict:
-    """Options the book passes to a heatmap method on dataset ``name``: for occlusion on 112x112 an8Flower,
-    a 16-pixel window moved by 16 (49 occluded copies per image instead of 729 with the default 8/4).
-
-    Examples
-    --------
-    >>> book_options("occlusion", "an8flower-single")
-    {'window': 16, 'stride': 16}
-    """
-    if method == "occlusion" and name.startswith("an8flower"):
-        return {"window": 16, "stride": 16}
-    return {}
-
-
 def method_heatmaps(method: str, model, images: torch.Tensor, target=None, *, batch_size: int = 50,
                     desc: str | None = None, **options) -> torch.Tensor:
     """:func:`vefi.heatmaps.compute` over a large set of images, in chunks of ``batch_size`` (bounded memory).
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> method_heatmaps("random", build_model("mnist"), torch.rand(5, 1, 28, 28), batch_size=2).shape
     torch.Size([5, 28, 28])
@@ -177,173 +147,3 @@ def method_heatmaps(method: str, model, images: torch.Tensor, target=None, *, ba
             opts["seed"] = int(opts.get("seed", 0)) * 1_000_003 + start
         chunks.append(compute(method, model, images[start:stop], t, **opts))
     return torch.cat(chunks)
-
-
-@dataclass
-class LocalisationResult:
-    """IoU of one heatmap method on an8Flower (what :func:`localisation_study` returns).
-
-    Attributes
-    ----------
-    dataset, method : str
-    mu : float or None
-        The selection budget for the paper's three methods, None for the others.
-    thresholds : numpy.ndarray (T,)
-    iou : numpy.ndarray (n, T)
-        Per image and threshold.
-    n_images : int
-    seconds : float
-        Time to compute the heatmaps and IoUs (when first computed).
-    cached : bool
-    """
-
-    dataset: str
-    method: str
-    mu: float | None
-    thresholds: np.ndarray
-    iou: np.ndarray
-    n_images: int
-    seconds: float
-    cached: bool
-
-    @property
-    def curve(self) -> np.ndarray:
-        """Mean IoU over the images at each threshold, (T,)."""
-        return self.iou.mean(0)
-
-    @property
-    def mean_iou(self) -> float:
-        """Mean over images and thresholds."""
-        return float(self.iou.mean())
-
-    @property
-    def auc(self) -> float:
-        """Area under the image-averaged curve."""
-        return area_under_curve(self.curve, self.thresholds)
-
-    @property
-    def best_iou(self) -> float:
-        """Largest value of the image-averaged curve."""
-        return float(self.curve.max())
-
-    @property
-    def best_threshold(self) -> float:
-        return float(self.thresholds[int(self.curve.argmax())])
-
-    @property
-    def sem(self) -> float:
-        """Standard error of the mean IoU over images (of the per-image means over thresholds)."""
-        per_image = self.iou.mean(1)
-        return float(per_image.std(ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")
-
-
-_NEEDS_RELEVANT = ("ours", "deconv-gb", "upsampled-activations")
-
-
-
-@dataclass
-class _Study:
-    """What every cached heatmap study of the book starts from: the trained model, the seeded test subset,
-    the method's options, and the cache file its parameters name."""
-
-    model: torch.nn.Module
-    data: object
-    idx: np.ndarray
-    options: dict
-    uses_mu: bool
-    path: object
-
-    def heatmaps(self, name: str, method: str, mu: float, images, target, batch_size: int):
-        from vefi.relevant import relevant_features
-
-        options = dict(self.options)
-        if self.uses_mu:
-            options["relevant"] = relevant_features(name, mu)
-        return method_heatmaps(method, self.model, images, target, batch_size=batch_size,
-                               desc=f"{method} {name}", **options)
-
-
-def _study(what: str, prefix: str, name: str, method: str, mu: float, n_images, seed: int, options: dict,
-           **params) -> _Study:
-    """Set up a study: model, subset, options, and a cache path keyed by the weights and every parameter."""
-    from vefi.ablation import book_images, subsample
-    from vefi.relevant import model_fingerprint
-    from vefi.train import pretrained
-
-    options = {**book_options(method, name), **options}
-    model = pretrained(name)
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "heatmaps")
-    idx = subsample(len(data), n_images, seed)
-    uses_mu = method in _NEEDS_RELEVANT
-    if method == "random":
-        options.setdefault("seed", seed)
-    params = {"what": what, "v": _RESULT_VERSION, "dataset": name, "method": method,
-              "model": model_fingerprint(model), "mu": float(mu) if uses_mu else None, "n_test": len(data),
-              "n_images": len(idx), "seed": int(seed),
-              "options": {k: repr(v) for k, v in sorted(options.items())}, **params}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    return _Study(model, data, idx, options, uses_mu, data_dir() / "results" / f"{prefix}-{name}-{method}-{key}.npz")
-
-def localisation_study(name: str, method: str, *, mu: float = 10.0, n_images: int | str | None = "book", seed: int = 0,
-                       target: str = "label", thresholds: Sequence[float] = THRESHOLDS, batch_size: int = 50,
-                       use_cache: bool = True, **options) -> LocalisationResult:
-    """IoU curves of ``method``'s heatmaps with the discriminative-part masks of an8Flower's test set, cached.
-
-    Parameters
-    ----------
-    name : {"an8flower-single", "an8flower-double"}
-    method : str
-        A method of :data:`vefi.heatmaps.METHODS`.
-    mu : float
-        Selection budget for ``ours``, ``deconv-gb`` and ``upsampled-activations`` (the same relevant
-        features for the three); ignored by the others.
-    n_images : int, optional
-        A seeded random subset of the test set; "book" (default): :func:`vefi.ablation.book_images`; None: all.
-    seed : int
-        Seeds the subset (and the ``random`` control).
-    target : {"label", "predicted"}
-        Explain the true class (whose discriminative part the mask is; default) or the predicted one.
-    thresholds : sequence of float
-    batch_size : int
-        Images per heatmap call.
-    use_cache : bool
-        Read and write ``data/results`` (keyed by the model's weights and every parameter).
-    **options
-        Passed to the heatmap method.
-
-    Examples
-    --------
-    >>> res = localisation_study("an8flower-single", "ours")  # doctest: +SKIP
-    >>> res.mean_iou, res.auc  # doctest: +SKIP
-    """
-    from vefi.heatmaps import METHODS
-
-    if not name.startswith("an8flower"):
-        raise ValueError(f"localisation needs ground-truth masks: an8flower-single or an8flower-double, got "
-                         f"{name!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown heatmap method {method!r}; expected one of {', '.join(METHODS)}")
-    if target not in ("label", "predicted"):
-        raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
-    thresholds = np.asarray(thresholds, dtype=float)
-    study = _study("localisation", "iou", name, method, mu, n_images, seed, options, target=target,
-                   thresholds=[round(float(t), 10) for t in thresholds])
-    idx, uses_mu = study.idx, study.uses_mu
-    spec = {"iou": (np.float64, (len(idx), len(thresholds))), "seconds": (np.float64, ())}
-    stored = load_arrays(study.path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
-    if stored is not None:
-        return LocalisationResult(name, method, float(mu) if uses_mu else None, thresholds, stored["iou"],
-                                  len(idx), float(stored["seconds"]), True)
-    start = time.perf_counter()
-    rows = torch.from_numpy(idx)
-    images, masks = study.data.batch(rows), study.data.masks[rows]
-    labels = study.data.labels[rows] if target == "label" else None
-    h = study.heatmaps(name, method, mu, images, labels, batch_size)
-    iou = iou_curve(h, masks, thresholds)
-    seconds = time.perf_counter() - start
-    if use_cache:
-        save_arrays(study.path, iou=iou, seconds=np.array(seconds))
-    return LocalisationResult(name, method, float(mu) if uses_mu else None, thresholds, iou, len(idx), seconds,
-                              False)

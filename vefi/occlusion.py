@@ -18,7 +18,7 @@ forward pass) rather than one by one; the resolution of the map is set by the wi
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> from vefi.occlusion import occlusion
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
@@ -36,8 +36,8 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.heatmaps import _resolve_target
 from vefi.layers import check_images
+from vefi.targets import resolve_target
 
 __all__ = ["occlusion", "window_positions"]
 
@@ -125,7 +125,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, target=None, *, window=8, 
     with preserved(model), torch.no_grad():
         model.eval()
         logits = model(images)
-        target = _resolve_target(target, logits)
+        target = resolve_target(target, logits)
         base = logits.gather(1, target[:, None])[:, 0]
         # every (image, window) pair as one row, batch_size rows per forward pass
         rows = n * positions

@@ -28,8 +28,8 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.heatmaps import class_indices
 from vefi.layers import check_images, check_scores
+from vefi.targets import class_indices
 
 __all__ = ["GAMES", "PerturbationResult", "blur", "perturbation_masks", "meaningful_perturbation"]
 

@@ -18,7 +18,7 @@ gradient touched.
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> from vefi.saliency import sensitivity, gradient_x_input
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from vefi._model_state import gradients_on, preserved
-from vefi.heatmaps import _resolve_target
 from vefi.layers import check_images
+from vefi.targets import resolve_target
 
 __all__ = ["gradient", "sensitivity", "gradient_x_input"]
 
@@ -69,7 +69,7 @@ def gradient(model: nn.Module, images: torch.Tensor, target=None) -> torch.Tenso
             p.requires_grad_(False)  # the input gradient alone: no graph through the weights
         x = images.detach().clone().requires_grad_(True)  # created inside gradients_on, see there
         logits = model(x)
-        target = _resolve_target(target, logits)
+        target = resolve_target(target, logits)
         score = logits.gather(1, target[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x)
     return grad

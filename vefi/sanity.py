@@ -37,8 +37,8 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.criteria import _targets  # one definition of "the predicted class when None"
 from vefi.layers import Layer, check_images, layer_table, resolve_layer
+from vefi.targets import target_classes
 
 __all__ = ["SIMILARITIES", "MODES", "parameter_layers", "randomise_layers", "spearman", "ssim",
            "similarities", "RandomisationResult", "model_randomisation"]
@@ -344,7 +344,7 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, explain: Explain
     if not chosen:
         raise ValueError("the model has no layer with parameters to randomise")
 
-    target = _targets(model, images, target)
+    target = target_classes(model, images, target)
     n = images.shape[0]
     if target.shape != (n,):
         raise ValueError(f"target must give one class per image ({n}), got shape {tuple(target.shape)}")

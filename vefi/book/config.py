@@ -48,7 +48,7 @@ def _data_dir_path() -> Path:
     env = os.environ.get("VEFI_DATA")
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # vefi/book/config.py -> the repository
     return repo / "data" if (repo / "pyproject.toml").exists() else Path.home() / ".cache" / "vefi"
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from vefi.data import dataset_info
+from vefi.book.data import dataset_info
 
 __all__ = ["VefiNet", "build_model", "small_cnn", "vggf_like"]
 
@@ -84,7 +84,7 @@ def vggf_like(num_classes: int, in_channels: int = 3) -> OrderedDict:
 
 
 def build_model(dataset: str) -> VefiNet:
-    """A freshly initialised (untrained) net for ``dataset``; see :data:`vefi.data.DATASETS`.
+    """A freshly initialised (untrained) net for ``dataset``; see :data:`vefi.book.data.DATASETS`.
 
     Initialisation follows ``torch``'s global generator: seed it first for a reproducible net.
     """

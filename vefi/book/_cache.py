@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vefi.config import data_folder_error
+from vefi.book.config import data_folder_error
 
 __all__ = ["read_verified", "write_verified", "load_arrays", "save_arrays", "check_arrays", "sha256_file",
            "atomic_write", "writer_tag", "left_by_dead_writer", "STALE_SECONDS"]
@@ -141,7 +141,7 @@ def write_verified(path: Path, payload: bytes) -> None:
 
     Raises
     ------
-    vefi.config.DataFolderError
+    vefi.book.config.DataFolderError
         When the file cannot be written (a read-only data folder, a full disk, ...); the message names the
         file and says what to do.
     """

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 import vefi
-from vefi._cache import read_verified, sha256_file, write_verified
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.config import data_dir, quick_mode
-from vefi.data import ImageSet, dataset_info, load_dataset
-from vefi.models import VefiNet, build_model
+from vefi.book._cache import read_verified, sha256_file, write_verified
+from vefi.book.config import data_dir, quick_mode
+from vefi.book.data import ImageSet, dataset_info, load_dataset
+from vefi.book.models import VefiNet, build_model
 
 __all__ = ["HyperParams", "HYPERPARAMS", "train", "pretrained", "predict", "evaluate"]
 
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, data: ImageSet) -> tuple[float, np.ndarray]:
 
 
 def _cache_key(name: str, model: nn.Module, data: ImageSet, hp: HyperParams) -> str:
-    from vefi import models
+    from vefi.book import models
 
     code = "".join(sha256_file(Path(m.__file__)) for m in (models, sys.modules[__name__]))
     parts = {"dataset": name, "data": _fingerprint(data), "architecture": repr(model),

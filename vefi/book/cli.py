@@ -9,7 +9,7 @@ Three commands, for using the method outside notebooks:
 Exit codes (also in ``--help``): 0 success, 1 unexpected error, 2 usage error (a bad flag or a value
 argparse rejects), 3 data not found, 4 a bad value (an index or class out of range, an output path or a data
 folder that cannot be written). An output file is either written whole or not at all: it is checked to be
-writable before anything is computed and written with :func:`vefi._cache.atomic_write` (a part file in the
+writable before anything is computed and written with :func:`vefi.book._cache.atomic_write` (a part file in the
 target folder, then renamed; a new file's mode follows the umask, an overwritten one keeps its mode).
 """
 
@@ -52,7 +52,7 @@ class BadValue(ValueError):
 
 
 def _datasets() -> tuple[str, ...]:
-    from vefi.data import DATASETS
+    from vefi.book.data import DATASETS
     return tuple(DATASETS)
 
 
@@ -160,7 +160,7 @@ def check_writable(path: Path, suffixes: tuple[str, ...] | None = None) -> Path:
 
 def write_output(path: Path, payload: bytes) -> None:
     """Write an output file whole or not at all; a failure (a full disk, say) is a ``BadValue``."""
-    from vefi._cache import atomic_write
+    from vefi.book._cache import atomic_write
 
     try:
         atomic_write(path, payload)
@@ -171,7 +171,7 @@ def write_output(path: Path, payload: bytes) -> None:
 # --- commands -------------------------------------------------------------------------------------------------
 
 def _load_split(dataset: str, split: str):
-    from vefi.data import load_dataset
+    from vefi.book.data import load_dataset
     return load_dataset(dataset, split)
 
 
@@ -193,7 +193,7 @@ def cmd_explain(args) -> int:
     import matplotlib.pyplot as plt
 
     from vefi.explain import explain
-    from vefi.relevant import relevant_features
+    from vefi.book.relevant import relevant_features
 
     steps = progress(total=3, desc="explain")
     try:
@@ -257,8 +257,8 @@ def _convergence(selector) -> str:
 
 def cmd_select(args) -> int:
     out = check_writable(args.out, (".csv",)) if args.out is not None else None
-    from vefi.data import dataset_info
-    from vefi.relevant import relevant_features
+    from vefi.book.data import dataset_info
+    from vefi.book.relevant import relevant_features
 
     classes = dataset_info(args.dataset).classes
     relevant = relevant_features(args.dataset, mu=args.mu, only_conv=args.only_conv)
@@ -281,7 +281,7 @@ def cmd_select(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from vefi.data import _main as data_main
+    from vefi.book.data import main as data_main
     return EXIT_OK if data_main(["fetch"]) == 0 else EXIT_DATA
 
 
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2): argparse has printed the message
         return int(stop.code or 0)
-    from vefi.config import DataFolderError
-    from vefi.data import DataNotFoundError
+    from vefi.book.config import DataFolderError
+    from vefi.book.data import DataNotFoundError
     try:
         return COMMANDS[args.command](args)
     except DataNotFoundError as err:

@@ -17,10 +17,10 @@ from functools import lru_cache
 
 import matplotlib.pyplot as plt
 
-from vefi.data import load_dataset
+from vefi.book.data import load_dataset
+from vefi.book.relevant import DEFAULT_MU, relevant_features
+from vefi.book.train import pretrained
 from vefi.explain import explain
-from vefi.relevant import DEFAULT_MU, relevant_features
-from vefi.train import pretrained
 
 __all__ = ["DATASETS", "MUS", "explanation_view", "explorer"]
 

@@ -14,7 +14,7 @@ visible pixels of every part.
 
 Examples
 --------
->>> from vefi.an8flower import generate
+>>> from vefi.book.an8flower import generate
 >>> flowers = generate("single", n_per_class=2, seed=0, progress=False)
 >>> flowers.images.shape, flowers.masks.shape, flowers.classes[0]
 ((12, 3, 112, 112), (12, 112, 112), 'centre red')
@@ -30,14 +30,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vefi._progress import progress as progress_bar
-from vefi.data import COLOURS, dataset_info
+from vefi.book.data import COLOURS, dataset_info
 
 __all__ = ["PARTS", "VARIANTS", "CLASS_RGB", "FlowerSet", "generate", "render_flower"]
 
 PARTS = ("petals", "centre", "stem", "leaves")
 VARIANTS = ("single", "double")
 
-# Saturated colours, in vefi.data.COLOURS order, spread over the hue circle (about 353, 26, 61, 187, 229 and
+# Saturated colours, in vefi.book.data.COLOURS order, spread over the hue circle (about 353, 26, 61, 187, 229 and
 # 303 degrees) and far from green, so that no leaf or stem can pass for a class colour. Shading and lighting
 # are multiplicative and so keep the hue; under the +-12 jitter per channel, the darkest shading and the
 # brightest (clipping) light, neighbouring class hues still stay >= 17 degrees apart.
@@ -114,7 +114,7 @@ class FlowerSet:
     variant : str
         ``"single"`` or ``"double"``.
     classes : tuple of str
-        Class names, as in ``vefi.data.DATASETS["an8flower-<variant>"]``.
+        Class names, as in ``vefi.book.data.DATASETS["an8flower-<variant>"]``.
     """
 
     images: np.ndarray
@@ -206,7 +206,7 @@ def render_flower(rng: np.random.Generator, label: int, variant: str,
     rng : numpy.random.Generator
         Source of every random choice; the same generator state gives the same flower.
     label : int
-        Class index: the colour index (``vefi.data.COLOURS``) for ``"single"``; ``part * 6 + colour`` for
+        Class index: the colour index (``vefi.book.data.COLOURS``) for ``"single"``; ``part * 6 + colour`` for
         ``"double"``, with part 0 the centre and part 1 the petals.
     variant : {"single", "double"}
     size : int, default 112
