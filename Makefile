@@ -24,7 +24,7 @@ QUICK_CACHE := $(QUICK_OUT)/_build/.jupyter_cache
 QUICKBOOK_FLAGS ?=
 NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: book quickbook check-book test bench data setup system vendor notebooks clean
+.PHONY: book quickbook check-book test bench data setup system vendor notebooks api clean
 
 # jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run every
 # chapter, so forget both the execution cache and Sphinx's environment of the build folder $(1)
@@ -35,12 +35,12 @@ define forget_if_vefi_changed
 	  mkdir -p $(1); echo "$$h" > $(1)/.vefi-hash; fi
 endef
 
-book: data vendor
+book: data vendor api
 	$(call forget_if_vefi_changed,_build)
 	VEFI_QUICK=0 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
 
-quickbook: data vendor
+quickbook: data vendor api
 	$(call forget_if_vefi_changed,$(QUICK_OUT)/_build)
 	VEFI_QUICK=1 VEFI_PROGRESS=off $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS) --path-output $(QUICK_OUT) \
 	  -W -n --keep-going $(QUICKBOOK_FLAGS)
@@ -105,6 +105,10 @@ $(VENDOR)/VERSIONS.json: package.json package-lock.json scripts/vendor_js.py | s
 
 notebooks: data
 	$(PY) scripts/store_notebook.py notebooks/*.ipynb
+
+# The API reference page, generated from the docstrings (book/api.md is not in the repository)
+api: setup
+	$(PY) scripts/api_reference.py book/api.md
 
 clean:
 	rm -rf _build $(VENDOR) node_modules

@@ -184,8 +184,8 @@ def ablated(model: nn.Module, features: Iterable, *, input_shape: tuple[int, ...
 
 
 def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurations: Sequence[Iterable], *,
-                      n_classes: int | None = None, max_rows: int = 4096, desc: str = "ablation"
-                      ) -> np.ndarray:
+                      n_classes: int | None = None, max_rows: int = 4096, desc: str = "ablation",
+                      return_predictions: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Mean class accuracy of ``model`` on ``images`` under each ablation configuration.
 
     Parameters
@@ -203,11 +203,14 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
         Images x configurations per forward pass: configurations are batched along the batch axis.
     desc : str
         Progress bar label.
+    return_predictions : bool
+        Also return the predicted class of every image under every configuration, (G, N), e.g. for paired
+        comparisons between configurations over the images.
 
     Returns
     -------
     numpy.ndarray, shape (G,)
-        Mean class accuracy per configuration.
+        Mean class accuracy per configuration (and the predictions, with ``return_predictions``).
 
     Examples
     --------
@@ -246,7 +249,8 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
                 out = check_scores(model(x.repeat(len(group), *([1] * (x.dim() - 1)))), len(group) * x.shape[0])
             predicted[g0:g0 + len(group), s0:s0 + x.shape[0]] = \
                 out.argmax(1).reshape(len(group), x.shape[0]).cpu().numpy()
-    return np.array([mean_class_accuracy(p, labels, n_classes) for p in predicted])
+    accuracy = np.array([mean_class_accuracy(p, labels, n_classes) for p in predicted])
+    return (accuracy, predicted) if return_predictions else accuracy
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,49 @@ rule           ReLU backward                reference
 ``guided``     ``R * [x > 0] * [R > 0]``    Springenberg et al. 2015
 =============  ===========================  =========================================
 
+**Activations of modern networks.** For an activation ``y = f(x)`` with local derivative ``f'(x)``:
+
+==================  =================  ====================  ====================================
+layer               ``backprop``       ``deconvnet``         ``guided``
+==================  =================  ====================  ====================================
+monotone            ``R * f'(x)``      ``R * [R > 0]``       ``R * [R > 0] * f'(x)``
+non-monotone        ``R * f'(x)``      ``R * [R > 0]``       ``R * [R > 0] * max(f'(x), 0)``
+gate ``x * g``      the gradient       ``R * g`` to ``x``    as deconvnet
+layer/group norm    the gradient       ``R * w / sigma``     as deconvnet
+==================  =================  ====================  ====================================
+
+* monotone: ReLU, ReLU6 and Hardtanh, LeakyReLU of slope >= 0, Sigmoid, Hardsigmoid;
+* non-monotone: Hardswish, SiLU, GELU (``approximate="none"`` or ``"tanh"``), LeakyReLU of negative slope;
+* gate: a product one of whose factors ``g`` is the output of ``torch.sigmoid``/``F.hardsigmoid``
+  (squeeze-and-excitation); the gradient runs through both factors, deconvnet and guided send ``R * g`` to
+  ``x`` and nothing down the gate's branch;
+* layer/group norm: ``F.layer_norm`` (``nn.LayerNorm``, ConvNeXt's ``LayerNorm2d``), ``F.group_norm``,
+  with weight ``w`` and the statistics held constant, ``sigma = sqrt(var + eps)``.
+
+Why these, and not others:
+
+* ``backprop`` is the gradient everywhere, whatever the layer: the maps equal ``torch.autograd``'s.
+* ``deconvnet`` never looks at the forward input of a nonlinearity (Zeiler & Fergus rectify the
+  *reconstruction*): every activation, smooth or not, passes the positive part of the signal.
+* ``guided`` is backprop gated by ``[R > 0]``. Where SiLU, GELU and Hardswish dip below zero their derivative
+  is negative and would turn a positive (supporting) signal into a negative one; guided backprop keeps only
+  what increases the feature through every layer, so the derivative is clamped at 0. The output of every
+  guided activation is then ``>= 0``, as for a ReLU, for which the rule is Springenberg's exactly.
+* A squeeze-and-excitation gate ``g`` (``torch.sigmoid``/``F.hardsigmoid``, also behind a view or reshape)
+  rescales channels by weights in ``[0, 1]`` computed from the same image. deconvnet and guided reconstruct
+  the *pattern* that drives a feature; they treat the gate like a weight (``R * g`` to ``x``, no sign change)
+  and send nothing down the gate's branch, whose global average pool would smear the signal uniformly over
+  the image. A product ``x * sigmoid(x)`` written out by hand is such a gate too (use ``F.silu`` for the
+  SiLU rule). Products of two non-gate tensors go back by their gradient under every rule.
+* The gradient of a LayerNorm/GroupNorm subtracts the signal's mean over the normalised axes and its
+  projection on the normalised input, so a positive guided signal comes out with both signs. Holding the
+  statistics (mean, ``sigma = sqrt(var + eps)``) constant makes the layer what an eval-mode BatchNorm is, an
+  affine map, whose weight ``w / sigma`` the signal goes through.
+
+Layers whose output is channel-last (after a ``Permute`` in a ConvNeXt block) or a sequence of tokens (a
+ViT's encoder) cannot be seeded: their first axis is not a channel. They are refused, with the nearest
+channel-first layer to pass instead; back-projection *through* them is fine.
+
 Convolutions go back by the transposed convolution with the same weights and no bias (their gradient),
 max-pools through the switches of the forward pass, every other layer by its gradient.
 
@@ -21,16 +64,20 @@ reaches some input pixels through more kernel taps than others, with period ``S`
 the incoming map (nearest neighbour, ``"nearest-exact"``, as MATLAB's ``imresize``) from ``B`` to the output
 size of the *stride-1* version of the layer, ``A + 2*O - M + 1``, and back-projects it with stride 1, which
 lands on exactly ``A`` pixels, each reached by the same number of taps. Every strided ``Conv2d`` is fixed with
-its own input size per axis. A strided max-pool is fixed in one of two ways (``pool_fix``):
+its own input size per axis, depthwise and grouped ones included. A strided pool is fixed in one of two
+ways (``pool_fix``):
 
-* ``"stride1"``: resample the map the same way and route it through the switches of a stride-1 max-pool on
-  the same input (the analogue of the convolution fix);
-* ``"switches"``: the standard switches of the strided pool, as the authors' released demo does.
+* ``"stride1"``: resample the map the same way and route it through a stride-1 pool on the same input (the
+  switches of a stride-1 max-pool; a stride-1 average pool): the analogue of the convolution fix;
+* ``"switches"``: strided pools go back by their gradient (a max-pool's own switches), as the authors'
+  released demo does.
 
 The engine works at the level of torch functions (a :class:`~torch.overrides.TorchFunctionMode`), so it
 sees ``nn.ReLU`` (in-place or not), ``torch.relu``/``F.relu``/``Tensor.relu`` called in a custom forward,
-``Conv2d`` and ``MaxPool2d`` modules and their functional forms alike. ReLUs called in place are computed
-out of place (the returned tensor is what the model uses next). No hook or mode outlives a call.
+the activations above as modules or functions (``nn.SiLU``, ``F.silu``, ``torch.sigmoid``, ...),
+``Conv2d``, pooling and normalisation modules and their functional forms alike. Activations called in place
+are computed out of place (the returned tensor is what the model uses next). Every modified rule is a
+function this one mode swaps in; no hook or mode outlives a call.
 
 Batching: the n images go forward once; the backward pass runs once, vmapped (``torch.func``) over the k
 seeds, one per feature (once per seed when the model carries hooks of the user, which ``torch.func`` cannot
@@ -41,7 +88,7 @@ response normalisation.
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> from vefi.backproject import backproject
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
@@ -65,22 +112,25 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, pair, resolve_layer
 
 __all__ = ["RULES", "POOL_FIXES", "SOURCES", "NonlinearityGuard", "backproject", "conv_backproject",
-           "maxpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
+           "maxpool_backproject", "avgpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
 
 RULES = ("backprop", "deconvnet", "guided")
 POOL_FIXES = ("stride1", "switches")
 SOURCES = ("map", "unit")
 
-# Torch functions (by name, trailing "_" stripped) that are nonlinear and have no back-projection rule here.
+# Torch functions (by name, trailing "_" stripped) that are nonlinear: NonlinearityGuard refuses them all (LRP);
+# back-projection swaps those of _ACTIVATIONS for their rules first and refuses the rest.
 _UNSUPPORTED_FUNCTIONS = frozenset({
     "sigmoid", "tanh", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "rrelu", "prelu", "softplus",
     "softsign", "hardtanh", "relu6", "hardswish", "hardsigmoid", "mish", "glu", "logsigmoid", "softmax",
     "log_softmax", "softmin", "threshold", "tanhshrink", "softshrink", "hardshrink",
 })
-_SUPPORTED = ("ReLU in any form, conv, linear, pooling, batch norm, dropout, flatten, local response norm")
+_SUPPORTED = ("ReLU, ReLU6/Hardtanh, LeakyReLU, Hardswish, SiLU, GELU, Sigmoid and Hardsigmoid (modules or "
+              "functions, in place or not), gate products, conv (grouped, depthwise), linear, pooling, batch/"
+              "layer/group norm, dropout, flatten, local response norm")
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu)
 _RELU_INPLACE_FUNCTIONS = (torch.relu_, torch.Tensor.relu_, F.relu_)
 
@@ -97,17 +147,6 @@ class _Resolved:
 # --------------------------------------------------------------------------------------------------------
 # The two layer-level back-projections with the stride fix, public so that they can be tested on their own.
 
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) == 1:
-        return (value[0], value[0])
-    if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value
-
-
 def stride1_size(input_size, kernel_size, padding=0, dilation=1) -> tuple[int, int]:
     """Output size ``A + 2*O - d*(M - 1)`` per axis of the stride-1 version of a conv or pool layer.
 
@@ -118,8 +157,8 @@ def stride1_size(input_size, kernel_size, padding=0, dilation=1) -> tuple[int, i
     >>> stride1_size((112, 112), 11, padding=2)
     (106, 106)
     """
-    a, m, o, d = (_pair(input_size, "input_size"), _pair(kernel_size, "kernel_size"),
-                  _pair(padding, "padding"), _pair(dilation, "dilation"))
+    a, m, o, d = (pair(input_size, "input_size"), pair(kernel_size, "kernel_size"),
+                  pair(padding, "padding"), pair(dilation, "dilation"))
     return tuple(a[i] + 2 * o[i] - d[i] * (m[i] - 1) for i in range(2))
 
 
@@ -169,8 +208,8 @@ def conv_backproject(signal: torch.Tensor, weight: torch.Tensor, input_size, *, 
     >>> int(cover[0, 0, 50, 50]), int(cover[0, 0, 51, 51])
     (121, 121)
     """
-    size = _pair(input_size, "input_size")
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    size = pair(input_size, "input_size")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if stride_fix and max(stride) > 1:
         target = stride1_size(size, weight.shape[-2:], padding, dilation)
         return F.conv_transpose2d(_resample(signal, target), weight, stride=1, padding=padding,
@@ -235,8 +274,8 @@ def maxpool_backproject(signal: torch.Tensor, inputs: torch.Tensor, kernel_size,
     if pool_fix not in (*POOL_FIXES, None):
         raise ValueError(f"pool_fix must be one of {POOL_FIXES} or None, got {pool_fix!r}")
     stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
-    kernel, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
-    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    kernel, stride = pair(kernel_size, "kernel_size"), pair(stride, "stride")
+    padding, dilation = pair(padding, "padding"), pair(dilation, "dilation")
     inputs = inputs.detach()
     if pool_fix == "stride1" and max(stride) > 1:
         target = stride1_size(inputs.shape[-2:], kernel, padding, dilation)
@@ -249,6 +288,57 @@ def maxpool_backproject(signal: torch.Tensor, inputs: torch.Tensor, kernel_size,
     zeros = torch.zeros((n, c, h * w), dtype=signal.dtype, device=signal.device)
     # scatter_add, not max_unpool: overlapping windows send several signals to one pixel, and they add up
     return zeros.scatter_add(2, switches.reshape(n, c, -1), signal.reshape(n, c, -1)).reshape(n, c, h, w)
+
+
+def avgpool_backproject(signal: torch.Tensor, input_size, kernel_size, *, stride=None, padding=0,
+                        ceil_mode: bool = False, count_include_pad: bool = True, divisor_override=None,
+                        pool_fix: str | None = "stride1") -> torch.Tensor:
+    """Back-project a signal through an ``AvgPool2d``.
+
+    Parameters
+    ----------
+    signal : Tensor, shape (N, C, B_h, B_w)
+        Signal at the pool's output.
+    input_size : pair of int
+        ``(A_h, A_w)``, the pool's input size.
+    kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        As in :func:`torch.nn.functional.avg_pool2d`.
+    pool_fix : {"stride1", "switches"} or None
+        ``"stride1"``: when strided, resample the signal (nearest) to :func:`stride1_size` and back-project it
+        through the stride-1 pool of the same kernel, padding and divisor. ``"switches"`` or None: the
+        gradient of the strided pool.
+
+    Returns
+    -------
+    Tensor, shape (N, C, A_h, A_w)
+
+    Examples
+    --------
+    >>> cover = avgpool_backproject(torch.ones(1, 1, 4, 4), (12, 12), 3, stride=3)
+    >>> [round(float(v) * 9) for v in cover[0, 0, 5, :6]]
+    [3, 6, 9, 9, 9, 9]
+    """
+    if pool_fix not in (*POOL_FIXES, None):
+        raise ValueError(f"pool_fix must be one of {POOL_FIXES} or None, got {pool_fix!r}")
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
+    size, kernel = pair(input_size, "input_size"), pair(kernel_size, "kernel_size")
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    n, c = signal.shape[:2]
+    if pool_fix != "stride1" or max(stride) == 1:
+        # the plain gradient, by autograd: not on the engine's path (which only swaps in strided fixed pools)
+        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference mode
+            signal = signal.clone() if signal.is_inference() else signal
+            x = torch.zeros((n, c, *size), dtype=signal.dtype, device=signal.device, requires_grad=True)
+            y = F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+            return torch.autograd.grad(y, x, signal)[0]
+    signal = _resample(signal, stride1_size(size, kernel, padding))
+    # stride 1: output o = (sum of the window of o) / D[o]; D from the pool itself, so that every divisor
+    # option (count_include_pad, divisor_override) is the pool's own: mean of ones / count of inputs
+    ones = torch.ones((1, 1, *size), dtype=signal.dtype, device=signal.device)
+    box = torch.ones((1, 1, *kernel), dtype=signal.dtype, device=signal.device)
+    inverse = F.avg_pool2d(ones, kernel, 1, padding, False, count_include_pad, divisor_override) / \
+        F.conv2d(ones, box, padding=padding)
+    return F.conv_transpose2d(signal * inverse, box.expand(c, 1, *kernel), padding=padding, groups=c)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,6 +358,100 @@ def _relu(x: torch.Tensor, rule: str) -> torch.Tensor:
     if rule != "backprop" and y.requires_grad:
         y.register_hook(_positive_part)
     return y
+
+
+def _with_gradient(value: torch.Tensor, x: torch.Tensor, slope) -> torch.Tensor:
+    """``value`` (exactly), whose gradient with respect to ``x`` is ``slope`` (a tensor or 1), elementwise."""
+    return value.detach() + (x - x.detach()) * slope
+
+
+def _activation(x: torch.Tensor, value, derivative, rule: str) -> torch.Tensor:
+    """An elementwise activation ``value(x)`` whose backward follows ``rule`` (table of the module docstring).
+
+    ``derivative`` is None for a monotone activation (its own gradient is >= 0, and guided is that gradient
+    gated by ``[R > 0]``), else a function of ``x`` giving ``f'(x)``, which guided clamps at 0."""
+    if rule == "backprop":
+        return value(x)
+    if rule == "deconvnet":
+        y = _with_gradient(value(x.detach()), x, 1)
+    elif derivative is None:
+        y = value(x)
+    else:
+        xd = x.detach()
+        y = _with_gradient(value(xd), x, derivative(xd).clamp(min=0))
+    if y.requires_grad:
+        y.register_hook(_positive_part)
+    return y
+
+
+def _gelu_derivative(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    if approximate == "tanh":  # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + torch.erf(x / 2 ** 0.5)) + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+
+
+def _silu_derivative(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _hardswish_derivative(x: torch.Tensor) -> torch.Tensor:
+    # x * relu6(x + 3) / 6; at the kinks, autograd's choice (0 at -3, 1/3 * x + 1/2 up to 3 inclusive)
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+
+
+def _leaky_derivative(slope: float):
+    if slope >= 0:
+        return None  # monotone
+    return lambda x: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
+
+
+# Activation functions the engine swaps: func -> (argument names, defaults, value(x, args), derivative(args)
+# or None when monotone, whether its output is a gate). In-place variants are computed out of place.
+_ACTIVATIONS = {}
+for _funcs, _names, _defaults, _value, _derivative, _gate in (
+    ((F.hardtanh, F.hardtanh_), ("input", "min_val", "max_val", "inplace"),
+     {"min_val": -1.0, "max_val": 1.0}, lambda x, a: F.hardtanh(x, a["min_val"], a["max_val"]),
+     lambda a: None, False),
+    ((F.relu6,), ("input", "inplace"), {}, lambda x, a: F.relu6(x), lambda a: None, False),
+    ((F.leaky_relu, F.leaky_relu_), ("input", "negative_slope", "inplace"), {"negative_slope": 0.01},
+     lambda x, a: F.leaky_relu(x, a["negative_slope"]), lambda a: _leaky_derivative(a["negative_slope"]),
+     False),
+    ((F.hardswish,), ("input", "inplace"), {}, lambda x, a: F.hardswish(x), lambda a: _hardswish_derivative,
+     False),
+    ((F.silu,), ("input", "inplace"), {}, lambda x, a: F.silu(x), lambda a: _silu_derivative, False),
+    ((F.gelu,), ("input", "approximate"), {"approximate": "none"},
+     lambda x, a: F.gelu(x, approximate=a["approximate"]),
+     lambda a: (lambda x: _gelu_derivative(x, a["approximate"])), False),
+    ((torch.sigmoid, torch.Tensor.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid_), ("input",), {},
+     lambda x, a: torch.sigmoid(x), lambda a: None, True),
+    ((F.hardsigmoid,), ("input", "inplace"), {}, lambda x, a: F.hardsigmoid(x), lambda a: None, True),
+):
+    for _func in _funcs:
+        _ACTIVATIONS[_func] = (_names, _defaults, _value, _derivative, _gate)
+
+_PRODUCTS = frozenset({"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__"})
+# shape-only functions through which a gate stays a gate (a gate reshaped to (n, c, 1, 1) before the product)
+_GATE_KEEPERS = frozenset({"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten",
+                           "contiguous", "unflatten", "view_as", "reshape_as"})
+
+
+def _frozen_norm(x: torch.Tensor, value: torch.Tensor, axes: tuple[int, ...], weight, eps: float,
+                 channel_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A normalisation's ``value``, whose gradient is ``w / sigma`` with the statistics held constant.
+
+    ``axes``: the axes (of ``x``, or of its grouped view) the statistics run over; ``channel_shape``: the
+    grouped view of ``x`` for group norm, else None."""
+    xd = x.detach()
+    grouped = xd if channel_shape is None else xd.reshape(channel_shape)
+    sigma = (grouped.var(dim=axes, unbiased=False, keepdim=True) + eps).sqrt()
+    slope = (1 / sigma).expand(grouped.shape).reshape(x.shape)
+    if weight is not None:
+        slope = slope * (weight.detach() if channel_shape is None else
+                         weight.detach().reshape(-1, *([1] * (x.dim() - 2))))
+    return _with_gradient(value, x, slope)
 
 
 class _Conv2d(torch.autograd.Function):
@@ -312,6 +496,27 @@ class _MaxPool2d(torch.autograd.Function):
         grad = maxpool_backproject(signal, x, kernel, stride=stride, padding=padding, dilation=dilation,
                                    pool_fix="stride1")
         return grad, None, None, None, None, None
+
+
+class _AvgPool2d(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, stride, padding, _, count_include_pad, divisor_override = inputs
+        ctx.conf = (tuple(x.shape[-2:]), kernel, stride, padding, count_include_pad, divisor_override)
+
+    @staticmethod
+    def backward(ctx, signal):
+        size, kernel, stride, padding, count_include_pad, divisor_override = ctx.conf
+        grad = avgpool_backproject(signal, size, kernel, stride=stride, padding=padding,
+                                   count_include_pad=count_include_pad, divisor_override=divisor_override,
+                                   pool_fix="stride1")
+        return grad, None, None, None, None, None, None
 
 
 class _LocalResponseNorm(torch.autograd.Function):
@@ -364,6 +569,12 @@ _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mod
 _LRN_ARGS = ("input", "size", "alpha", "beta", "k")
 _LRN_DEFAULTS = {"alpha": 1e-4, "beta": 0.75, "k": 1.0}
 _POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+_AVG_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_AVG_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                 "divisor_override": None}
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+_GROUP_NORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+_NORM_DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5}
 
 
 def _calling_module(model: nn.Module) -> str:
@@ -413,22 +624,49 @@ class NonlinearityGuard(TorchFunctionMode):
 
 
 class _BackprojectionMode(NonlinearityGuard):
-    """Swap ReLU, strided conv, strided max-pool (under the fix) and LRN calls for the functions above; refuse
+    """The one engine of every modified rule: swap activations, gate products and layer/group norms (rules of
+    the module docstring), strided conv and pools (under the fix) and LRN for the functions above; refuse
     nonlinearities without a rule."""
 
     def __init__(self, model: nn.Module, rule: str, stride_fix: bool, pool_fix: str):
         super().__init__(model)
         self.rule, self.stride_fix, self.pool_fix = rule, stride_fix, pool_fix
+        self.gates: dict[int, weakref.ref] = {}  # id -> tensor: outputs of sigmoid/hardsigmoid
+
+    def _is_gate(self, t) -> bool:
+        ref = self.gates.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def _mark_gate(self, t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        self.gates[key] = weakref.ref(t, lambda _, k=key: self.gates.pop(k, None))
+        return t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU_FUNCTIONS or func in _RELU_INPLACE_FUNCTIONS:
             return _relu(args[0], self.rule)
+        activation = _ACTIVATIONS.get(func)
+        if activation is not None:
+            names, defaults, value, derivative, gate = activation
+            a = _bind(args, kwargs, names, defaults)
+            y = _activation(a["input"], lambda x: value(x, a), derivative(a), self.rule)
+            return self._mark_gate(y) if gate and self.rule != "backprop" else y
+        name = getattr(func, "__name__", "")
+        if self.gates and self.rule != "backprop":
+            if name in _PRODUCTS and any(self._is_gate(t) for t in args[:2]):
+                # a gate is a constant weight: the signal goes to the other factor only
+                factors = [t.detach() if self._is_gate(t) else t for t in args[:2]]
+                if name in ("mul_", "__imul__") and self._is_gate(args[0]):
+                    return torch.mul(*factors)  # not in place on a detached gate, which would cut the signal
+                return func(*factors, *args[2:], **kwargs)  # in place on x stays in place (x.mul_(g))
+            if name in _GATE_KEEPERS and self._is_gate(args[0] if args else None):
+                return self._mark_gate(func(*args, **kwargs))
         if func is torch.conv2d:
             a = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
-            if not isinstance(a["padding"], str) and max(_pair(a["stride"], "stride")) > 1:
-                return _Conv2d.apply(a["input"], a["weight"], a["bias"], _pair(a["stride"], "stride"),
-                                     _pair(a["padding"], "padding"), _pair(a["dilation"], "dilation"),
+            if not isinstance(a["padding"], str) and max(pair(a["stride"], "stride")) > 1:
+                return _Conv2d.apply(a["input"], a["weight"], a["bias"], pair(a["stride"], "stride"),
+                                     pair(a["padding"], "padding"), pair(a["dilation"], "dilation"),
                                      a["groups"], self.stride_fix)
         elif func is F.local_response_norm:
             a = _bind(args, kwargs, _LRN_ARGS, _LRN_DEFAULTS)
@@ -438,10 +676,29 @@ class _BackprojectionMode(NonlinearityGuard):
         elif func is F.max_pool2d and self.stride_fix and self.pool_fix == "stride1":
             a = _bind(args, kwargs, _POOL_ARGS, _POOL_DEFAULTS)
             stride = a["stride"] if a["stride"] not in (None, (), []) else a["kernel_size"]
-            if not a["return_indices"] and max(_pair(stride, "stride")) > 1:
-                return _MaxPool2d.apply(a["input"], _pair(a["kernel_size"], "kernel_size"),
-                                        _pair(stride, "stride"), _pair(a["padding"], "padding"),
-                                        _pair(a["dilation"], "dilation"), a["ceil_mode"])
+            if not a["return_indices"] and max(pair(stride, "stride")) > 1:
+                return _MaxPool2d.apply(a["input"], pair(a["kernel_size"], "kernel_size"),
+                                        pair(stride, "stride"), pair(a["padding"], "padding"),
+                                        pair(a["dilation"], "dilation"), a["ceil_mode"])
+        elif func is F.avg_pool2d and self.stride_fix and self.pool_fix == "stride1":
+            a = _bind(args, kwargs, _AVG_ARGS, _AVG_DEFAULTS)
+            stride = a["stride"] if a["stride"] not in (None, (), []) else a["kernel_size"]
+            if a["input"].dim() == 4 and max(pair(stride, "stride")) > 1:
+                return _AvgPool2d.apply(a["input"], pair(a["kernel_size"], "kernel_size"),
+                                        pair(stride, "stride"), pair(a["padding"], "padding"),
+                                        bool(a["ceil_mode"]), bool(a["count_include_pad"]),
+                                        a["divisor_override"])
+        elif func is F.layer_norm and self.rule != "backprop":
+            a = _bind(args, kwargs, _LAYER_NORM_ARGS, _NORM_DEFAULTS)
+            x = a["input"]
+            shape = a["normalized_shape"]
+            axes = tuple(range(x.dim() - (1 if isinstance(shape, int) else len(shape)), x.dim()))
+            return _frozen_norm(x, func(*args, **kwargs), axes, a["weight"], float(a["eps"]))
+        elif func is F.group_norm and self.rule != "backprop":
+            a = _bind(args, kwargs, _GROUP_NORM_ARGS, _NORM_DEFAULTS)
+            x, groups = a["input"], int(a["num_groups"])
+            shape = (x.shape[0], groups, -1)
+            return _frozen_norm(x, func(*args, **kwargs), (2,), a["weight"], float(a["eps"]), shape)
         else:
             self.refuse(func)
         return func(*args, **kwargs)
@@ -477,7 +734,120 @@ def _layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
 
 
 
-def _resolve_feature(layers: list[Layer], item) -> _Resolved:
+# Functions that move axes: where the channel axis lands is read off a marker tensor they are applied to.
+_AXIS_MOVERS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
+
+
+class _LayoutMode(TorchFunctionMode):
+    """Follow the channel axis (axis 1 of an image batch) through a forward pass: tensors whose channel axis
+    a permute/transpose moved (ConvNeXt's ``Permute``, a ViT's tokens), and everything computed from them at
+    the same rank, are recorded with the axis it is on now (-1: unknown, after a reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moved: dict[int, tuple[weakref.ref, int]] = {}
+
+    def axis(self, t: torch.Tensor) -> int:
+        """The channel axis of ``t`` in its batch (1 unless moved)."""
+        entry = self.moved.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else 1
+
+    def _first_moved(self, args, kwargs):
+        for t in (*args, *kwargs.values()):
+            for u in (t if isinstance(t, (list, tuple)) else (t,)):
+                if isinstance(u, torch.Tensor) and self.axis(u) != 1:
+                    return u
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        name = getattr(func, "__name__", "")
+        axis = 1
+        if name in _AXIS_MOVERS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+            before = self.axis(args[0])
+            if before < 0:
+                axis = before
+            else:
+                marker = torch.empty([2 if i == before else 1 for i in range(args[0].dim())])
+                sizes = [i for i, n in enumerate(func(marker, *args[1:], **kwargs).shape) if n == 2]
+                axis = sizes[0] if len(sizes) == 1 else -1
+        else:
+            source = self._first_moved(args, kwargs)
+            if source is not None:
+                axis = self.axis(source) if out.dim() == source.dim() else -1
+        if axis != 1:
+            key = id(out)
+            self.moved[key] = (weakref.ref(out, lambda _, k=key: self.moved.pop(k, None)), axis)
+        return out
+
+
+_AXES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _channel_axes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, int]:
+    """id(leaf module) -> the channel axis of its (first call's) output in the batch: 1 for channel-first.
+
+    One forward pass of a zero image, remembered as :func:`_layers` remembers the table."""
+    key = (input_shape, tuple((id(m), type(m), m.extra_repr()) for m in model.modules()))
+    cached = _AXES.get(model) if list(model.children()) else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    axes: dict[int, int] = {}
+    mode = _LayoutMode()
+
+    def hook(module, inputs, output):
+        if id(module) not in axes and isinstance(output, torch.Tensor):
+            axes[id(module)] = mode.axis(output)
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    with preserved(model):
+        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+        try:
+            model.eval()
+            with torch.no_grad(), mode:
+                model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+        finally:
+            for h in handles:
+                h.remove()
+    if list(model.children()):
+        _AXES[model] = (key, axes)
+    return axes
+
+
+def _check_channel_first(layers: list[Layer], layer: Layer, axes) -> None:
+    """Refuse a seed on a layer whose first axis is not a channel: tokens, or a map whose channels moved."""
+    shape = layer.output_shape
+    if len(shape) == 2:
+        before = [other for other in layers if other.number < layer.number and len(other.output_shape) == 3
+                  and axes().get(id(other.module), 1) == 1]
+        instead = (f", e.g. layer {before[-1].number} {before[-1].name!r} ({type(before[-1].module).__name__},"
+                   f" output {before[-1].output_shape})" if before else "")
+        raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) has output shape "
+                         f"{shape}, a sequence of tokens (or a 1-D signal), not a channel-first map (C, H, W) "
+                         "nor a vector of units, so no channel of it can be seeded: back-project a layer before "
+                         f"the image is cut into tokens{instead}, or wrap the model so that this layer's output "
+                         "is reshaped to (C, H, W)")
+    if len(shape) == 3 and layer.kind != "conv":
+        axis = axes().get(id(layer.module), 1)
+        if axis != 1:
+            after = [other for other in layers if other.number > layer.number and len(other.output_shape) == 3
+                     and axes().get(id(other.module), 1) == 1]
+            where = f"on axis {axis - 1} of {shape}" if axis > 0 else f"lost in a reshape of {shape}"
+            instead = (f", e.g. the next one, layer {after[0].number} {after[0].name!r} "
+                       f"({type(after[0].module).__name__}, output {after[0].output_shape})" if after else "")
+            raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) is channel-last:"
+                             f" the model moved the channel axis (a permute, as in a ConvNeXt block) and its "
+                             f"channels are {where}, so axis 0 is not a channel and a seed on it would "
+                             "back-project the wrong thing: pass a layer whose output is a channel-first map "
+                             f"(C, H, W){instead}")
+
+
+def _resolve_feature(layers: list[Layer], item, axes=lambda: {}) -> _Resolved:
     if not _is_feature(item):
         raise TypeError(f"a feature is (layer, channel) or (layer, channel, (y, x)), got {item!r}")
     layer = resolve_layer(layers, item[0])
@@ -485,6 +855,7 @@ def _resolve_feature(layers: list[Layer], item) -> _Resolved:
     if not isinstance(channel, numbers.Integral) or isinstance(channel, bool):
         raise TypeError(f"channel must be an int, got {channel!r} for layer {layer.label}")
     shape = layer.output_shape
+    _check_channel_first(layers, layer, axes)
     if len(shape) not in (1, 3):
         raise ValueError(f"layer {layer.label} has output shape {shape}; back-projection needs a map "
                          "(C, H, W) or a vector of units")
@@ -503,17 +874,21 @@ def _resolve_feature(layers: list[Layer], item) -> _Resolved:
     return _Resolved(layer, int(channel), position)
 
 
+# Activation modules with a rule (through the functions they call); any other of torch.nn.modules.activation
+# is refused before the forward pass
+_RULED_MODULES = (nn.ReLU, nn.Hardtanh, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid,
+                  nn.Hardsigmoid)
+
+
 def _check_invertible(layers: list[Layer], deepest: int) -> None:
     for layer in layers:
         if layer.number >= deepest:
             break
         m = layer.module
-        nonlinear = type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.ReLU)
+        nonlinear = type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, _RULED_MODULES)
         if nonlinear or layer.kind == "softmax":
             raise TypeError(f"cannot back-project through layer {layer.number} {layer.name!r} "
-                            f"({type(m).__name__}): no rule for this nonlinearity; supported are ReLU "
-                            "(module, in-place or functional), conv, linear, pooling, batch norm, dropout, "
-                            "flatten, local response norm")
+                            f"({type(m).__name__}): no rule for this nonlinearity; supported: {_SUPPORTED}")
 
 
 def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str = "guided",
@@ -524,9 +899,11 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
     Parameters
     ----------
     model : torch.nn.Module
-        A network of conv, linear, ReLU (``nn.ReLU``, in place or not, or ``torch.relu``/``F.relu`` in a
-        custom forward), max/avg/adaptive pooling, batch norm, dropout, flatten and local response norm
-        layers. It is run in eval mode and left exactly as it was, also when this raises.
+        A network of conv (grouped and depthwise too), linear, max/avg/adaptive pooling, batch, layer and
+        group norm, dropout, flatten and local response norm layers, with ReLU, ReLU6/Hardtanh, LeakyReLU,
+        Hardswish, SiLU, GELU, Sigmoid and Hardsigmoid activations (modules, in place or not, or functions
+        in a custom forward) and squeeze-and-excitation gates: torchvision's MobileNets, EfficientNets and
+        ConvNeXts, for instance. It is run in eval mode and left exactly as it was, also when this raises.
     images : Tensor, shape (n, C, H, W) or (C, H, W)
         Input images, finite floats.
     features : sequence
@@ -536,12 +913,13 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
         map or a unit of a flat layer.
     rule : {"guided", "deconvnet", "backprop"}
         ReLU rule for incoming signal ``R`` and forward input ``x``: ``R*[x>0]*[R>0]``, ``R*[R>0]`` or
-        ``R*[x>0]``.
+        ``R*[x>0]``; for other activations, gates and norms see the table of the module docstring.
     stride_fix : bool
-        Apply the stride fix (Eq. 2-3) to every strided ``Conv2d`` and (see ``pool_fix``) max-pool.
+        Apply the stride fix (Eq. 2-3) to every strided ``Conv2d`` and (see ``pool_fix``) max or average pool.
     pool_fix : {"stride1", "switches"}
-        Under the stride fix, a strided max-pool goes back through the switches of a stride-1 pool on the
-        resampled map (``"stride1"``) or through its own switches (``"switches"``, the authors' choice).
+        Under the stride fix, a strided pool goes back through a stride-1 pool on the resampled map
+        (``"stride1"``: its switches for a max-pool) or by its own gradient (``"switches"``, the authors'
+        choice).
     source : {"map", "unit"}
         ``"map"``: seed with the channel's actual activation map, all other channels zero (a flat layer: the
         unit's activation). ``"unit"``: seed 1 at one unit, the given ``(y, x)`` or else, per image, the
@@ -557,11 +935,12 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
     Raises
     ------
     ValueError
-        Unknown layer, channel or position out of range, images of the wrong shape, with NaN/Inf or on another
-        device than the model, unknown rule/pool_fix/source, no features.
+        Unknown layer, channel or position out of range, a layer whose output is not channel-first (tokens,
+        or channel-last after a permute: the message names a layer to pass instead), images of the wrong
+        shape, with NaN/Inf or on another device than the model, unknown rule/pool_fix/source, no features.
     TypeError
-        A nonlinearity on the way back that has no rule (e.g. ``nn.Tanh``, ``F.gelu``), images of another
-        dtype than the model's, or arguments of the wrong type.
+        A nonlinearity on the way back that has no rule (e.g. ``nn.Tanh``, ``F.elu``, ``F.softmax``), images
+        of another dtype than the model's, or arguments of the wrong type.
 
     Notes
     -----
@@ -604,7 +983,14 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
     if k == 0 or any(len(f) != k for f in per_image):
         raise ValueError(f"every image needs the same, non-zero number of features, got "
                          f"{[len(f) for f in per_image]}")
-    resolved = [[_resolve_feature(layers, item) for item in f] for f in per_image]
+    axes_cache: list[dict[int, int]] = []
+
+    def axes() -> dict[int, int]:  # the layout pass runs only when a seeded layer may be channel-last
+        if not axes_cache:
+            axes_cache.append(_channel_axes(model, tuple(images.shape[1:])))
+        return axes_cache[0]
+
+    resolved = [[_resolve_feature(layers, item, axes) for item in f] for f in per_image]
     _check_invertible(layers, max(feat.layer.number for f in resolved for feat in f))
 
     rows_per_pass = n * k if batch_size is None else batch_size
@@ -727,7 +1113,7 @@ def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: i
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> feats = strongest_channels(build_model("mnist"), torch.rand(2, 1, 28, 28), ["conv1", "fc1"], top=2)
     >>> len(feats), len(feats[0]), feats[0][0][0], feats[0][2][0]
@@ -740,6 +1126,8 @@ def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: i
         layers = [layers]
     table = _layers(model, tuple(images.shape[1:]))
     chosen = [resolve_layer(table, key) for key in layers]
+    for layer in chosen:  # a channel-last layer's "channels" would be rows of the map
+        _check_channel_first(table, layer, lambda: _channel_axes(model, tuple(images.shape[1:])))
     X, index, _ = descriptors(model, images, [layer.number for layer in chosen], show_progress=False)
     out = [[] for _ in range(images.shape[0])]
     for layer in chosen:

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from vefi.backproject import _pair, backproject, conv_backproject, strongest_channels
+from vefi.backproject import backproject, conv_backproject, strongest_channels
+from vefi.layers import pair
 
 __all__ = ["grid_energy", "grid_chance", "coverage_map", "coverage_cv", "layer_grid_energy"]
 
@@ -92,7 +93,7 @@ def grid_energy(maps, period, *, margin: int = 0) -> torch.Tensor:
     (1.0, 0.0)
     """
     maps = _check_maps(maps)
-    period = _pair(period, "period")
+    period = pair(period, "period")
     if min(period) < 1:
         raise ValueError(f"period must be >= 1, got {period}")
     m = _crop(maps.abs(), margin, period)
@@ -117,8 +118,8 @@ def grid_chance(size, period) -> float:
     >>> round(grid_chance(112, 4), 5)
     0.0012
     """
-    h, w = _pair(size, "size")
-    p = _pair(period, "period")
+    h, w = pair(size, "size")
+    p = pair(period, "period")
     h, w = h - h % p[0], w - w % p[1]
     return (p[0] * p[1] - 1) / (h * w - 1)
 
@@ -146,8 +147,8 @@ def coverage_map(input_size, kernel_size, stride, padding=0, *, stride_fix: bool
     >>> coverage_map(12, 3, stride=2)[5, :6].tolist()
     [1.0, 1.0, 2.0, 1.0, 2.0, 1.0]
     """
-    size, kernel = _pair(input_size, "input_size"), _pair(kernel_size, "kernel_size")
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    size, kernel = pair(input_size, "input_size"), pair(kernel_size, "kernel_size")
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
     out = [(size[i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2)]
     if min(out) < 1 or min(stride) < 1:
         raise ValueError(f"no output for input {size}, kernel {kernel}, stride {stride}, padding {padding}")

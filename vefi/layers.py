@@ -14,7 +14,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 
-__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "check_images", "check_scores"]
+__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "check_images", "check_scores", "pair"]
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv2d, "conv"),
@@ -262,3 +262,15 @@ def check_scores(output, n: int | None = None) -> torch.Tensor:
         raise ValueError(f"the model must return class scores of shape ({rows}, classes), got "
                          f"{tuple(output.shape)}: wrap it in a module whose forward returns them")
     return output
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints (a kernel size, stride, padding...) as a pair; ``name`` for the error."""
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return (value[0], value[0])
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from torch import nn
 
-from vefi.book._cache import load_arrays, save_arrays
+from vefi.book._cache import code_hash, load_arrays, save_arrays
 from vefi.book.config import data_dir
 from vefi.book.data import load_dataset
 from vefi.book.train import pretrained
@@ -29,13 +29,16 @@ DEFAULT_MU = 10.0
 """The paper's budget (Sec. 4.1: mu=10 for MNIST and ImageNet); the book uses it for every network."""
 
 
-def training_gram(name: str, model: nn.Module | None = None) -> tuple[GramAccumulator, FeatureIndex]:
+def training_gram(name: str, model: nn.Module | None = None, *, network: int = 0
+                  ) -> tuple[GramAccumulator, FeatureIndex]:
     """The Gram pair of the default descriptors (every layer before the classifier) of the training set of
-    ``name`` under ``model`` (default: the book's trained model), cached on disk."""
-    model = pretrained(name) if model is None else model
+    ``name`` under ``model`` (default: the book's trained network of seed ``network``), cached on disk under
+    the weights, the data and the code that computes it."""
+    model = pretrained(name, network) if model is None else model
     data = load_dataset(name, "train")
     index = FeatureIndex.from_layers(default_layers(model))
-    path = data_dir() / "descriptors" / f"{name}-gram-{model_fingerprint(model)}-n{len(data)}.npz"
+    key = f"{model_fingerprint(model)}-{code_hash('vefi.descriptors', 'vefi.lasso')}"
+    path = data_dir() / "descriptors" / f"{name}-gram-{key}-n{len(data)}.npz"
     stored = load_arrays(path)
     gram = GramAccumulator()
     if stored is None:
@@ -57,7 +60,7 @@ def _sub_gram(gram: GramAccumulator, columns: np.ndarray) -> GramAccumulator:
 
 
 def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = False,
-                      model: nn.Module | None = None) -> RelevantFeatures:
+                      model: nn.Module | None = None, network: int = 0) -> RelevantFeatures:
     """The features mu-Lasso selects for the book's network of dataset ``name`` (a
     :class:`vefi.relevant.RelevantFeatures`, as :func:`vefi.select_features` returns for any model).
 
@@ -71,6 +74,8 @@ def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = Fa
         Select among the convolutional part only (the paper's "OnlyConv").
     model : torch.nn.Module, optional
         A network trained on ``name``; default the book's (:func:`vefi.book.train.pretrained`).
+    network : int
+        Without ``model``: the seed of the book's trained network (see :data:`vefi.book.train.NETWORK_SEEDS`).
 
     Warns
     -----
@@ -83,7 +88,8 @@ def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = Fa
     >>> rel = relevant_features("mnist")  # doctest: +SKIP
     >>> rel.per_class[3][:3]  # doctest: +SKIP
     """
-    model = pretrained(name) if model is None else model
+    label = f"{name}, {'OnlyConv' if only_conv else 'All'}" + (f", network {network}" if model is None and network else "")
+    model = pretrained(name, network) if model is None else model
     gram, index = training_gram(name, model)
     if only_conv:
         conv_layers = default_layers(model, only_conv=True)
@@ -98,4 +104,4 @@ def relevant_features(name: str, mu: float = DEFAULT_MU, *, only_conv: bool = Fa
                       f"({'OnlyConv' if only_conv else 'All'}) are not certified optimal: {selector.message_}",
                       ConvergenceWarning, stacklevel=2)
     return RelevantFeatures(model, index, selector, tuple(range(selector.coef_.shape[0])), tuple(model.input_shape),
-                            f"{name}, {'OnlyConv' if only_conv else 'All'}")
+                            label)
