@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lasso_problems import FAMILIES, family_problem
 from vefi.descriptors import descriptors, synthetic_descriptors
 from vefi.lasso import ConvergenceWarning, GramAccumulator, mu_lasso_objective, solve_mu_lasso
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 MU = 10.0
 C = 10

@@ -1,5 +1,6 @@
-"""Grad-CAM against captum's ``LayerGradCam`` + bilinear upsampling, CAM against Grad-CAM on a CAM net, the
-model left as it was (no hooks), and bad input."""
+"""Grad-CAM against captum's ``LayerGradCam`` + bilinear upsampling, CAM against Grad-CAM on a CAM net and
+against a direct computation on torchvision's resnet18, densenet121 and shufflenet_v2 (whose global pools are
+function calls in ``forward``), the model left as it was (no hooks), and bad input."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import models
 
 from vefi.cam import cam, default_layer, grad_cam, upsampled_activations
-from vefi.models import build_model
+from vefi.book.models import build_model
 
 
 def seeded_model(name: str, seed: int = 0) -> nn.Module:
@@ -64,6 +66,63 @@ def test_cam_is_grad_cam_on_a_gap_net():
 def test_cam_refuses_other_nets():
     with pytest.raises(ValueError, match="global average pooling"):
         cam(build_model("mnist"), torch.rand(1, 1, 28, 28))
+    # a global pool, but more than one linear layer after it
+    two_heads = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="no global average pool"):
+        cam(two_heads, torch.rand(1, 3, 16, 16))
+
+    class Softmaxed(nn.Module):  # scores that are not the linear layer's output
+        def __init__(self):
+            super().__init__()
+            self.net = gap_net().float()
+
+        def forward(self, x):
+            return self.net(x).softmax(1)
+
+    with pytest.raises(ValueError, match="not the output of its last linear layer"):
+        cam(Softmaxed(), torch.rand(1, 3, 16, 16))
+
+
+def torchvision_net(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(models, name)(weights=None).double().eval()
+
+
+def last_maps(name: str, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
+    """The maps each net averages before its classifier, computed by hand from its modules, and the classifier."""
+    with torch.no_grad():
+        if name == "densenet121":
+            return F.relu(model.features(x)), model.classifier
+        if name == "shufflenet_v2_x0_5":
+            for part in (model.conv1, model.maxpool, model.stage2, model.stage3, model.stage4, model.conv5):
+                x = part(x)
+            return x, model.fc
+        for part in list(model.children())[:-2]:  # resnet18: everything before avgpool and fc
+            x = part(x)
+        return x, model.fc
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "shufflenet_v2_x0_5"])
+def test_cam_on_torchvision_nets_is_the_direct_computation(name):
+    model = torchvision_net(name).train()
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()])
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([3, 917])
+    coarse = cam(model, x, target, upsample=False)
+    maps, classifier = last_maps(name, model.eval(), x)
+    expected = torch.einsum("nk,nkhw->nhw", classifier.weight.detach()[target], maps)
+    assert coarse.shape == expected.shape and expected.abs().max() > 0
+    assert torch.allclose(coarse, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+    # CAM's defining property: its spatial mean plus the bias is the class score
+    with torch.no_grad():
+        scores = model(x).gather(1, target[:, None])[:, 0]
+    assert torch.allclose(coarse.mean((1, 2)) + classifier.bias.detach()[target], scores, rtol=1e-9)
+    assert cam(model, x, target).shape == (2, 64, 64)
+    model.train()
+    assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+    assert before[1] == [m.training for m in model.modules()]
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
 def test_upsampled_activations():

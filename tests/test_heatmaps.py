@@ -9,11 +9,11 @@ import types
 import pytest
 import torch
 
-from vefi import heatmaps
 from vefi.heatmaps import METHODS, compute, normalise
 from vefi.lrp import lrp
 from vefi.book.models import build_model
 from vefi.saliency import sensitivity
+from vefi.targets import resolve_target
 
 EXPLAIN = ("ours", "deconv-gb", "upsampled-activations")
 FAST_OPTIONS = {"occlusion": {"window": 14, "stride": 14}, "meaningful-perturbation": {"steps": 2}}
@@ -104,4 +104,4 @@ def test_bad_input():
         compute("occlusion", model, images, window=40)
     with pytest.raises(TypeError, match="Module"):
         compute("gradient", lambda x: x, images)
-    assert heatmaps._resolve_target(None, torch.tensor([[0.0, 2.0]])).tolist() == [1]
+    assert resolve_target(None, torch.tensor([[0.0, 2.0]])).tolist() == [1]

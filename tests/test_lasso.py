@@ -4,6 +4,7 @@ right: SPAMS's own failures are detected, not trusted)."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import vefi.lasso
 from benchmarks.lasso_problems import FAMILIES, family_problem
 from vefi.descriptors import synthetic_descriptors
 from vefi.lasso import (ConvergenceWarning, GramAccumulator, mu_lasso_objective, project_l1_ball,
@@ -375,3 +377,107 @@ def test_degenerate_data():
     res = solve_mu_lasso(GramAccumulator.from_data(np.ones((10, 1)), np.eye(2)[np.arange(10) % 2]), 1.0)
     assert res.converged
     np.testing.assert_allclose(res.W, [[0.5, 0.5]])
+
+
+# --- the fast paths against slow references ------------------------------------------------------------
+
+def minimum_by_faces(Q, q, lsq, mu):
+    """Slow, obviously right, for a handful of features: the optimum of 0.5 w^T Q w - q^T w over the L1 ball
+    lies in the relative interior of one face {w_S with signs s, s^T w_S = mu} (or inside the ball), where it
+    minimises the quadratic on the face's affine hull. Try every face and the interior, keep the best point
+    that is feasible. Returns ||X^T w - l||^2 (no factor 1/2) at that point."""
+    m = q.size
+    best = lsq  # w = 0
+    w_ls = np.linalg.lstsq(Q, q, rcond=None)[0]
+    if np.abs(w_ls).sum() <= mu:
+        best = min(best, w_ls @ Q @ w_ls - 2 * q @ w_ls + lsq)
+    for size in range(1, m + 1):
+        for S in itertools.combinations(range(m), size):
+            S = list(S)
+            # every sign pattern of support S at once: K = [[Q_SS, s], [s^T, 0]], solved in least squares
+            signs = np.array(list(itertools.product((-1.0, 1.0), repeat=size)))
+            K = np.zeros((len(signs), size + 1, size + 1))
+            K[:, :size, :size] = Q[np.ix_(S, S)]
+            K[:, :size, size] = K[:, size, :size] = signs
+            rhs = np.append(q[S], mu)
+            sol = (np.linalg.pinv(K) @ rhs)[:, :size]
+            for s_S, w_S in zip(signs, sol):
+                if np.all(s_S * w_S >= -1e-12) and np.abs(w_S).sum() <= mu * (1 + 1e-9):
+                    w = np.zeros(m)
+                    w[S] = w_S * min(1.0, mu / max(np.abs(w_S).sum(), 1e-300))
+                    best = min(best, w @ Q @ w - 2 * q @ w + lsq)
+    return best
+
+
+def homotopy_only(monkeypatch):
+    """Turn the active-set jump off, so that every class follows its per-class homotopy."""
+    monkeypatch.setattr(vefi.lasso, "_JUMP_ROUNDS", 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_path_matches_the_optimum_over_all_faces(family, monkeypatch):
+    # Tiny problems (5 to 7 features), where trying every face of the L1 ball is affordable; each of the three
+    # paths (the default active-set jump, the per-class homotopy, the lock-step homotopy of all classes)
+    # against the same references.
+    for seed in range(16):
+        p = family_problem(family, seed, max_n=8, max_m=7)
+        g = p.gram
+        refs = [minimum_by_faces(g.Q, g.q[:, j], g.lsq[j], p.mu) for j in range(g.q.shape[1])]
+        floor = 1e-2 * g.lsq.sum()
+        with monkeypatch.context() as patch:
+            homotopy_only(patch)
+            homotopy = solve_mu_lasso(g, p.mu)
+        paths = {"default": solve_mu_lasso(g, p.mu), "homotopy": homotopy,
+                 "lockstep": vefi.lasso._solve(g.Q, g.q, g.lsq, p.mu, 1e-8, 10000, None, None, per_class=False)}
+        for path, res in paths.items():
+            assert res.converged, (p.name, path, res.message)
+            for j, ref in enumerate(refs):
+                # never worse than the best face beyond the certified gap; never better than the optimum (the
+                # faces include the optimal one up to rounding of the small systems)
+                assert res.objective[j] <= ref + 1e-8 * max(ref, floor), (p.name, path, j)
+                assert res.objective[j] >= ref - 1e-7 * max(ref, floor), (p.name, path, j)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_paths_agree_with_the_lockstep_homotopy_and_spams(family, monkeypatch, peer):
+    # The per-class paths (active-set jump, per-class homotopy) against the lock-step homotopy of all classes
+    # and against SPAMS, on the benchmark's problems: the same verdict, and objectives within the certified
+    # tolerance of each other and never worse than a valid SPAMS answer.
+    spams = peer("spams")
+    for seed in range(6):
+        p = family_problem(family, seed)
+        g = p.gram
+        lock = vefi.lasso._solve(g.Q, g.q, g.lsq, p.mu, 1e-8, 10000, None, None, per_class=False)
+        fast = solve_mu_lasso(g, p.mu)
+        with monkeypatch.context() as patch:
+            homotopy_only(patch)
+            hom = solve_mu_lasso(g, p.mu)
+            # the per-class homotopy takes the lock-step's events, class by class
+            assert hom.n_iter == lock.n_iter, p.name
+        floor = np.maximum(lock.objective, 1e-2 * g.lsq.sum())
+        W_spams = spams_lasso(spams, g, p.L, p.mu)
+        ref = None if W_spams is None else mu_lasso_objective(W_spams, g.Q, g.q, g.lsq)
+        for res in (lock, fast, hom):
+            assert res.converged and np.all(res.relative_gap <= 1e-8), (p.name, res.message)
+            assert np.all(np.abs(res.W).sum(0) <= p.mu * (1 + 1e-12)), p.name
+            assert np.all(np.abs(res.objective - lock.objective) <= 2e-8 * floor), p.name
+            if ref is not None:
+                assert np.all(res.objective <= ref + 1e-8 * floor), p.name
+
+
+def test_a_jump_the_certificate_rejects_is_solved_again_by_the_homotopy(monkeypatch):
+    # The jump certifies its point with its own gradient; should the full certificate disagree, the class is
+    # solved again by the homotopy, not polished or reported from the jump's point.
+    p = family_problem("gaussian", 2)
+    g = p.gram
+    real = vefi.lasso._class_jump
+
+    def off_by_a_bit(*args, **kwargs):
+        w, used = real(*args, **kwargs)
+        return (None if w is None else w * (1 - 1e-3)), used  # feasible, not optimal
+
+    monkeypatch.setattr(vefi.lasso, "_class_jump", off_by_a_bit)
+    res = solve_mu_lasso(g, p.mu)
+    lock = vefi.lasso._solve(g.Q, g.q, g.lsq, p.mu, 1e-8, 10000, None, None, per_class=False)
+    assert res.converged and res.n_iter == lock.n_iter
+    np.testing.assert_allclose(res.objective, lock.objective, rtol=1e-9)

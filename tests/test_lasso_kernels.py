@@ -125,7 +125,7 @@ def test_one_or_two_blas_threads_give_the_same_answer(family):
     # same bit for bit; the Gram pair itself, accumulated with 1 or 2 threads, differs in rounding only, and
     # the verdict and objectives then agree within the certified tolerance.
     p = family_problem(family, 1, max_n=80, max_m=60)
-    results, grams = [], []
+    results = []
     for threads in (1, 2):
         with threadpool_limits(limits=threads, user_api="blas"):
             gram = type(p.gram).from_data(p.X, p.L)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vefi.lrp import RULES, lrp, relevance_sums
-from vefi.models import build_model
+from vefi.book.models import build_model
 from vefi.saliency import gradient_x_input
 
 

@@ -22,7 +22,8 @@ from vefi.cam import cam, grad_cam, upsampled_activations
 from vefi.criteria import Selectivity, perturbation_curve
 from vefi.descriptors import descriptors
 from vefi.explain import explain
-from vefi.heatmaps import METHODS, class_indices, compute
+from vefi.heatmaps import METHODS, compute
+from vefi.targets import class_indices
 from vefi.layers import check_images, check_scores
 from vefi.lrp import lrp, relevance_sums
 from vefi.book.models import build_model
@@ -99,7 +100,7 @@ class Functional(nn.Module):
 
 @pytest.mark.parametrize("name, activation", [("gelu", F.gelu), ("sigmoid", torch.sigmoid),
                                               ("tanh", torch.Tensor.tanh), ("silu", F.silu)])
-def test_lrp_refuses_a_functional_nonlinearity_like_backproject(name, activation):
+def test_lrp_refuses_a_functional_nonlinearity(name, activation):
     torch.manual_seed(0)
     model = Functional(activation).train()
     before = state(model)
@@ -108,8 +109,28 @@ def test_lrp_refuses_a_functional_nonlinearity_like_backproject(name, activation
                                         r"\(called in module 'model' \(Functional\)\)"):
         lrp(model, x, 0)
     assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize("name, activation", [("tanh", torch.Tensor.tanh), ("softplus", F.softplus),
+                                              ("elu", F.elu)])
+def test_backproject_refuses_a_functional_nonlinearity_it_has_no_rule_for(name, activation):
+    torch.manual_seed(0)
+    model = Functional(activation).train()
+    before = state(model)
+    x = torch.rand(2, 1, 28, 28)
     with pytest.raises(TypeError, match=rf"cannot back-project through the nonlinearity '{name}' \(called in"):
         backproject(model, x, [("fc", 0)])
+    assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize("activation", [F.gelu, torch.sigmoid, F.silu])
+def test_backproject_follows_a_functional_nonlinearity_it_has_a_rule_for(activation):
+    torch.manual_seed(0)
+    model = Functional(activation).train()
+    before = state(model)
+    x = torch.rand(2, 1, 28, 28)
+    maps = backproject(model, x, [("fc", 0)])
+    assert torch.isfinite(torch.as_tensor(maps)).all() and torch.as_tensor(maps).abs().sum() > 0
     assert_same_state(before, state(model))
 
 

@@ -3,7 +3,6 @@ lists, bad input, and the whole pipeline on real network descriptors against SPA
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest

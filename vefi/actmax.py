@@ -6,6 +6,17 @@ al. 2015): L2 decay towards mid grey, a Gaussian blur every few steps, a random 
 forward pass, pixels clipped to [0, 1]. Several targets are optimised at once, one image per target, in one
 batch: one forward and one backward per step.
 
+Two things make the climb start and make it visible when it does not:
+
+* **Dead units.** A unit behind a ReLU (or a max-pool of ReLUs) that is off on the grey start image has a
+  zero gradient: plain ascent cannot move, and the image stays grey. While a ReLU passes no gradient at all
+  for an image, its backward lets through the part of the incoming gradient that would switch units *on*
+  (the "redirected ReLU" of Olah et al.'s Lucid library, Feature Visualization, Distill 2017); as soon as any
+  gradient passes, the ReLU's true gradient is used again. The forward pass is untouched.
+* **Stalls.** A target whose response did not rise by a meaningful margin (``min_rise``) gets a
+  :class:`StalledWarning` (or a :class:`StalledError` with ``on_stall="raise"``) that names it, and
+  ``ActMaxResult.moved`` says which targets moved: a flat image is never returned without a word.
+
 Also here: the first layer's filters as images, and the maximally activating patches of a unit over a dataset
 (its top-k images, each cropped to the unit's receptive field around its strongest location).
 """
@@ -14,19 +25,33 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
 from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
 from vefi.perturbation import blur
 
-__all__ = ["ActMaxResult", "Patches", "activation_maximisation", "filters", "top_patches", "unit_responses"]
+__all__ = ["ActMaxResult", "Patches", "StalledError", "StalledWarning", "activation_maximisation", "filters",
+           "top_patches", "unit_responses"]
 
 _REDUCTIONS = ("mean", "centre")
+_ON_STALL = ("warn", "raise", "ignore")
+
+
+class StalledWarning(UserWarning):
+    """:func:`activation_maximisation` did not raise a target's response by ``min_rise``: its image is close to
+    the start and shows nothing about the target. The message names the targets and what to try."""
+
+
+class StalledError(RuntimeError):
+    """Raised instead of :class:`StalledWarning` when ``on_stall="raise"``."""
 
 
 @dataclass
@@ -45,6 +70,10 @@ class ActMaxResult:
         (n,) the objective of the start image and of the final image (no jitter).
     targets : list
         The targets, as given.
+    moved : torch.Tensor
+        (n,) bool: the response rose by more than ``min_rise`` (see :func:`activation_maximisation`).
+    labels : list of str
+        A short name per target (``"class 3"``, ``"5 conv #7"``).
     """
 
     images: torch.Tensor
@@ -53,6 +82,8 @@ class ActMaxResult:
     initial: torch.Tensor
     final: torch.Tensor
     targets: list
+    moved: torch.Tensor
+    labels: list
 
 
 @dataclass(frozen=True)
@@ -110,6 +141,45 @@ def _reduce(act: torch.Tensor, reduction: str) -> torch.Tensor:
     return act[:, act.shape[1] // 2, act.shape[2] // 2]
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose backward, for an image (row) through which the true gradient passes nothing, lets through
+    the incoming gradient where it points upwards (would switch a unit on); otherwise the true gradient."""
+
+    @staticmethod
+    def forward(x):
+        return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0] > 0)  # a mask, not x: x may be changed in place afterwards
+
+    @staticmethod
+    def backward(ctx, grad):
+        (on,) = ctx.saved_tensors
+        passed = grad * on
+        if grad.dim() == 0:
+            return passed
+        blocked = passed.flatten(1).abs().amax(1) == 0  # per image: nothing gets through
+        redirected = grad * (on | (grad > 0))
+        return torch.where(blocked.view(-1, *(1,) * (grad.dim() - 1)), redirected, passed)
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_)
+
+
+class _RedirectedReLUs(TorchFunctionMode):
+    """Every ReLU of the forward pass (module, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not)
+    becomes :class:`_RedirectedReLU`. In-place calls are computed out of place: the returned tensor is what
+    the model uses next (as ``nn.ReLU(inplace=True)`` does)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCTIONS:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return _RedirectedReLU.apply(x)
+        return func(*args, **(kwargs or {}))
+
+
 def _objective(model: nn.Module, x: torch.Tensor, targets: list[_Target], reduction: str) -> torch.Tensor:
     """One forward pass; the objective of row i is its own target's response."""
     modules = {id(t.layer.module): t.layer.module for t in targets if t.layer is not None}
@@ -138,7 +208,8 @@ def _objective(model: nn.Module, x: torch.Tensor, targets: list[_Target], reduct
 def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: float = 0.05,
                             l2: float = 0.01, blur_every: int = 4, blur_sigma: float = 0.5, jitter: int = 2,
                             clip: bool = True, reduction: str = "mean", start=None, seed: int = 0,
-                            input_shape: tuple[int, ...] | None = None,
+                            input_shape: tuple[int, ...] | None = None, redirect: bool = True,
+                            min_rise: float = 0.05, on_stall: str = "warn",
                             show_progress: bool = True) -> ActMaxResult:
     """Gradient ascent on the input for each target, all targets in one batch.
 
@@ -151,8 +222,10 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
         channel by the mean of its map (``reduction="mean"``) or its centre unit (``"centre"``), an fc unit
         by its value.
     steps, lr : int, float
-        Number of ascent steps; step size, in pixel units, of a step along the gradient normalised to unit
-        mean absolute value (so one ``lr`` suits logits and units of any scale).
+        Number of ascent steps; step size, in pixel units: each step moves the pixels the target sees (those
+        with a nonzero gradient) by ``lr`` on average, whatever the scale of the target. The mean is over that
+        support, not the whole image, so a unit with a small receptive field takes the same steps as a class
+        logit instead of steps as many times larger as the image is larger than its field.
     l2 : float
         L2 decay: after each step the image moves a fraction ``l2`` of the way back to mid grey 0.5
         (Simonyan's ``- lambda ||x||^2`` prior for images centred on 0.5). 0 switches it off.
@@ -170,11 +243,30 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
         Seeds the start noise and the jitter.
     input_shape : tuple of int, optional
         (C, H, W); default ``model.input_shape``.
+    redirect : bool
+        Let ReLUs that block all gradient of an image pass its upward part (module docstring), so that a unit
+        that is off on the start image can still be climbed. False: plain gradient ascent.
+    min_rise : float
+        A target *moved* when its final response exceeds its start by more than ``min_rise`` times the larger
+        of the two magnitudes (a unit stuck at 0 never moves).
+    on_stall : {"warn", "raise", "ignore"}
+        What to do when a target did not move: a :class:`StalledWarning`, a :class:`StalledError`, or nothing
+        (``ActMaxResult.moved`` says it in every case).
     show_progress : bool
 
     Returns
     -------
     ActMaxResult
+
+    Warns
+    -----
+    StalledWarning
+        A target did not move (``on_stall="warn"``).
+
+    Raises
+    ------
+    StalledError
+        A target did not move (``on_stall="raise"``).
 
     Examples
     --------
@@ -197,6 +289,10 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if not (isinstance(l2, numbers.Real) and 0 <= l2 < 1):
         raise ValueError(f"l2 must be in [0, 1), got {l2!r}")
+    if not (isinstance(min_rise, numbers.Real) and 0 <= min_rise and math.isfinite(min_rise)):
+        raise ValueError(f"min_rise must be a finite number >= 0, got {min_rise!r}")
+    if on_stall not in _ON_STALL:
+        raise ValueError(f"on_stall must be one of {_ON_STALL}, got {on_stall!r}")
     shape = _input_shape(model, input_shape)
     layers = layer_table(model, shape)
     resolved = _resolve_targets(layers, targets)
@@ -230,11 +326,18 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
             if jitter:
                 dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
                 seen = torch.roll(x, (dy, dx), dims=(-2, -1))
-            value = _objective(model, seen, resolved, reduction)
+            if redirect:
+                with _RedirectedReLUs():
+                    value = _objective(model, seen, resolved, reduction)
+            else:
+                value = _objective(model, seen, resolved, reduction)
             (grad,) = torch.autograd.grad(value.sum(), x)
             trace[step] = value.detach().cpu()
             with torch.no_grad():
-                scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                # mean |gradient| over the pixels the target sees; a zero gradient gives a zero step
+                magnitude = grad.abs().flatten(1)
+                support = (magnitude > 0).sum(1).clamp_min(1)
+                scale = (magnitude.sum(1) / support).clamp_min(1e-30).view(-1, 1, 1, 1)
                 x = x.detach() + lr * grad / scale
                 if l2:
                     x = 0.5 + (1 - l2) * (x - 0.5)
@@ -244,8 +347,22 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
                     x = x.clamp(0.0, 1.0)
         with torch.no_grad():
             final = _objective(model, x, resolved, reduction)
-    return ActMaxResult(x.detach().cpu(), start.cpu(), trace, initial.cpu(), final.cpu(), list(targets)
-                        if not isinstance(targets, (numbers.Integral, tuple)) else [targets])
+    initial, final = initial.cpu(), final.cpu()
+    moved = (final - initial) > min_rise * torch.maximum(initial.abs(), final.abs())
+    labels = [t.label for t in resolved]
+    if not moved.all() and on_stall != "ignore":
+        stuck = ", ".join(f"{labels[i]} ({float(initial[i]):.3g} -> {float(final[i]):.3g})"
+                          for i in torch.nonzero(~moved).flatten().tolist())
+        message = (f"activation maximisation did not raise the response of {int((~moved).sum())} of {n} "
+                   f"targets by more than min_rise={min_rise:g} of its magnitude: {stuck}. Its image shows "
+                   "nothing about the target. A response stuck at 0 is a unit that no gradient reaches from "
+                   f"this start (try another start, e.g. a data image{'' if redirect else ', or redirect=True'}); "
+                   "else try more steps, a larger lr or weaker regularisers (l2, blur)")
+        if on_stall == "raise":
+            raise StalledError(message)
+        warnings.warn(message, StalledWarning, stacklevel=2)
+    return ActMaxResult(x.detach().cpu(), start.cpu(), trace, initial, final, list(targets)
+                        if not isinstance(targets, (numbers.Integral, tuple)) else [targets], moved, labels)
 
 
 def filters(model: nn.Module, layer=None, *, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -1004,7 +1004,7 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
 
 def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, source) -> torch.Tensor:
     """Maps (n, k, C, H, W) of n images and k features each, in one forward and one backward pass."""
-    n, k = len(resolved), len(resolved[0])
+    k = len(resolved[0])
     by_layer: dict[int, Layer] = {feat.layer.number: feat.layer for f in resolved for feat in f}
     numbers = sorted(by_layer)
     modules = {id(layer.module): layer.number for layer in by_layer.values()}

@@ -6,7 +6,9 @@ image's size (bilinear interpolation).
 
 * **CAM** (Zhou et al. 2016), for nets that end in global average pooling and one linear layer
   :math:`y_c = \\sum_k w_{ck} \\frac{1}{hw}\\sum_{u} A_k(u) + b_c`: :math:`M_c = \\sum_k w_{ck} A_k`, the class
-  score before pooling, location by location. Other nets have no such map: :func:`cam` refuses them.
+  score before pooling, location by location. The maps are found wherever the net pools them (a module or a
+  function call in its ``forward``, as densenet and shufflenet do). Other nets have no such map: :func:`cam`
+  refuses them.
 * **Grad-CAM** (Selvaraju et al. 2017), for any net: weigh each channel by its average gradient,
   :math:`\\alpha_k^c = \\frac{1}{hw}\\sum_u \\partial y_c / \\partial A_k(u)`, and keep the positive part,
   :math:`M_c = \\mathrm{ReLU}(\\sum_k \\alpha_k^c A_k)`. On a CAM net at the last convolutional block,
@@ -19,7 +21,7 @@ mode; its hooks are removed in ``finally`` and the model is left as it came.
 Examples
 --------
 >>> import torch
->>> from vefi.models import build_model
+>>> from vefi.book.models import build_model
 >>> from vefi.cam import grad_cam
 >>> _ = torch.manual_seed(0)
 >>> net = build_model("mnist")
@@ -32,10 +34,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
-from vefi.heatmaps import _resolve_target
-from vefi.layers import Layer, check_images, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
+from vefi.targets import resolve_target
 
 __all__ = ["default_layer", "grad_cam", "cam", "upsampled_activations"]
 
@@ -45,7 +48,7 @@ def default_layer(model: nn.Module, input_shape) -> Layer:
 
     Examples
     --------
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> default_layer(build_model("an8flower-single"), (3, 112, 112)).name
     'relu4'
     """
@@ -111,7 +114,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> grad_cam(build_model("mnist"), torch.rand(1, 1, 28, 28), layer="conv2", upsample=False).shape
     torch.Size([1, 7, 7])
@@ -121,29 +124,89 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
         chosen = _layer(model, images, layer)
         with gradients_on(model):
             logits, a = _activations(model, images, chosen.module, with_grad=True)
-            target = _resolve_target(target, logits)
+            target = resolve_target(target, logits)
             (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
     weights = grad.mean((2, 3), keepdim=True)
     maps = (weights * a.detach()).sum(1, keepdim=True).clamp(min=0)
     return (_upsample(maps, images.shape[2:]) if upsample else maps)[:, 0]
 
 
-def _cam_head(model: nn.Module):
-    """The global average pool and the linear layer a CAM net ends with, or a ValueError saying why not."""
-    leaves = [m for m in model.modules() if not list(m.children())]
-    tail = [m for m in leaves if not isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity))]
-    why = ("CAM needs a net that ends in global average pooling and one linear layer "
-           "(e.g. ... conv, ReLU, AdaptiveAvgPool2d(1), Flatten, Linear); use grad_cam for other nets")
-    if len(tail) < 2 or not isinstance(tail[-1], nn.Linear):
-        raise ValueError(f"{why}; this one ends in {[type(m).__name__ for m in tail[-2:]]}")
-    pool = tail[-2]
-    if not (isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))):
-        raise ValueError(f"{why}; the layer before the last linear one is {type(pool).__name__}")
-    return pool, tail[-1]
+_CAM_NEEDS = ("CAM needs a net that ends in global average pooling and one linear layer, its class scores "
+              "the linear layer applied to the spatial average of its last feature maps (e.g. ... conv, ReLU, "
+              "AdaptiveAvgPool2d(1), Flatten, Linear, or a forward that calls F.adaptive_avg_pool2d or "
+              "x.mean((2, 3)) before the classifier); use grad_cam for other nets")
+
+
+def _global_average(func, args, kwargs):
+    """The (n, K, h, w) input of a call that averages it over space, or None: ``F.adaptive_avg_pool2d`` to
+    1x1 (also what ``nn.AdaptiveAvgPool2d(1)`` calls), ``mean`` over the two spatial axes, ``F.avg_pool2d``
+    with a kernel as large as the map."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    if func is F.adaptive_avg_pool2d:
+        size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        return x if size in (1, (1, 1), [1, 1]) else None
+    if func in (torch.mean, torch.Tensor.mean):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if isinstance(dim, (tuple, list)) and sorted(int(d) % 4 for d in dim) == [2, 3]:
+            return x
+        return None
+    if func is F.avg_pool2d:
+        kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size")
+        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
+        return x if kernel == tuple(x.shape[2:]) and padding in (0, (0, 0)) else None
+    return None
+
+
+class _CamRecorder(TorchFunctionMode):
+    """Watch a forward pass for the calls CAM is made of: global average pools and linear layers (modules
+    and functional forms alike: densenet pools with ``F.adaptive_avg_pool2d`` in its forward, shufflenet
+    with ``x.mean([2, 3])``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pools = []  # (maps (n, K, h, w), pooled output)
+        self.linears = []  # (input, weight, output)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        maps = _global_average(func, args, kwargs)
+        if maps is not None:
+            self.pools.append((maps.detach().clone(), out))
+        elif func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.linears.append((x, weight, out))
+        return out
+
+
+def _cam_parts(recorder: _CamRecorder, logits: torch.Tensor):
+    """The maps (n, K, h, w) and the classifier's weights (classes, K) of a CAM net, or a ValueError why not.
+
+    The last linear call must produce the logits, and its input must be, value for value, the global average
+    of the last such pool before it (a flatten or an evaluation-mode dropout in between changes nothing)."""
+    if not recorder.linears:
+        raise ValueError(f"{_CAM_NEEDS}; this one calls no linear layer")
+    x, weight, out = recorder.linears[-1]
+    if out.shape != logits.shape or not torch.equal(out, logits):
+        raise ValueError(f"{_CAM_NEEDS}; the class scores are not the output of its last linear layer")
+    n, k = logits.shape[0], weight.shape[1]
+    for maps, pooled in reversed(recorder.pools):
+        if maps.shape[:2] == (n, k) and pooled.numel() == x.numel() and torch.equal(pooled.reshape(x.shape), x):
+            return maps, weight.detach()
+    raise ValueError(f"{_CAM_NEEDS}; the input of its last linear layer is no global average pool of maps")
 
 
 def cam(model: nn.Module, images: torch.Tensor, target=None, *, upsample: bool = True) -> torch.Tensor:
     """Class activation map (Zhou et al. 2016), (n, H, W): the class weights applied to the last maps.
+
+    The maps are the ones the net averages over space right before its last linear layer, wherever that
+    happens: a module (``nn.AdaptiveAvgPool2d(1)``) or a function in ``forward`` (densenet121's
+    ``F.relu`` + ``F.adaptive_avg_pool2d``, shufflenet_v2's ``x.mean([2, 3])``); found by watching the torch
+    functions of one forward pass, and checked value for value against the classifier's input.
 
     Raises
     ------
@@ -160,24 +223,16 @@ def cam(model: nn.Module, images: torch.Tensor, target=None, *, upsample: bool =
     torch.Size([2, 16, 16])
     """
     images = check_images(images, model)
-    pool, linear = _cam_head(model)
-    store = {}
-
-    def hook(_, inputs, output):
-        store["a"] = inputs[0].detach()
-
+    recorder = _CamRecorder()
     with preserved(model):
-        handle = pool.register_forward_hook(hook)
-        try:
-            model.eval()
-            with torch.no_grad():
-                logits = model(images)
-        finally:
-            handle.remove()
-    target = _resolve_target(target, logits)
-    weights = linear.weight.detach()[target]  # (n, K)
-    maps = torch.einsum("nk,nkhw->nhw", weights, store["a"])[:, None]
-    return (_upsample(maps, images.shape[2:]) if upsample else maps)[:, 0]
+        model.eval()
+        with torch.no_grad(), recorder:
+            logits = model(images)
+    logits = check_scores(logits, images.shape[0])
+    maps, weight = _cam_parts(recorder, logits)
+    target = resolve_target(target, logits)
+    out = torch.einsum("nk,nkhw->nhw", weight[target], maps)[:, None]
+    return (_upsample(out, images.shape[2:]) if upsample else out)[:, 0]
 
 
 def upsampled_activations(model: nn.Module, images: torch.Tensor, layer, channel=None) -> torch.Tensor:
@@ -186,7 +241,7 @@ def upsampled_activations(model: nn.Module, images: torch.Tensor, layer, channel
     Examples
     --------
     >>> import torch
-    >>> from vefi.models import build_model
+    >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
     >>> upsampled_activations(build_model("mnist"), torch.rand(2, 1, 28, 28), "relu2", channel=5).shape
     torch.Size([2, 28, 28])

@@ -47,11 +47,9 @@ import torch
 from torch import nn
 
 from vefi.layers import check_images
-from vefi.targets import resolve_target
 
 __all__ = ["METHODS", "compute", "normalise"]
 
-_resolve_target = resolve_target  # TEMPORARY: the old private name, while other modules move to vefi.targets
 
 METHODS = ("ours", "deconv-gb", "upsampled-activations", "gradient", "gradient-x-input", "lrp-epsilon",
            "lrp-zplus", "lrp-alpha1beta0", "lrp-alpha2beta1", "lrp-composite", "occlusion", "grad-cam",

@@ -31,6 +31,16 @@ just left may not re-enter at once with its old sign (rounding at a tie). The sp
 it, all candidates of that class are tested at once and the next event is picked from the same product, so
 that low-rank data costs one iteration per feature that enters, not one per feature tested.
 
+Two faster paths for small and medium problems (up to 512 features), each checked by the same certificate
+and falling back to the homotopy when it fails: an active-set jump (a primal-dual active-set, or semismooth
+Newton, iteration: guess the optimal support and signs from the prox-gradient fixed point, solve the
+optimality conditions on it, repeat; it lands in one to five rounds when it lands) and, where it does not
+land, a per-class homotopy (each class follows its own path, which avoids the lock-step's bookkeeping over
+all classes, the whole cost of a small problem). Above 512 features the lock-step homotopy is kept: one
+product per step serves every class. ``tests/test_lasso.py`` checks all three paths against the optimum
+found by trying every face of the L1 ball on tiny problems, and against each other and SPAMS on the
+benchmark's families.
+
 The answer is certified, not assumed: after the homotopy, the duality gap of every class is computed from
 the full problem (one product with the rows of Q on the support) and ``converged`` means
 ``gap <= tol * max(objective, 0.01 ||L||_F^2)``; otherwise :class:`ConvergenceWarning` says why (the
@@ -66,10 +76,10 @@ from threadpoolctl import ThreadpoolController
 # ones: the squared distance to that span must exceed this fraction of its squared norm. Scale-free, and far
 # above the 1e-16 that exact dependencies (blocks summing to one, low rank, more features than images) leave.
 _DEPENDENT = 1e-11
-# A class is certified when gap <= tol * max(objective, _FIT_FLOOR * ||L||_F^2): relative to the objective,
+# A class is certified when gap <= tol * max(objective, FIT_FLOOR * ||L||_F^2): relative to the objective,
 # and absolute (1e-10 ||L||_F^2 at tol=1e-8) when the features fit the class (almost) exactly and the
 # objective is rounding (the gap is then mu ||Q w - q||_inf, rounding times mu).
-_FIT_FLOOR = 1e-2
+FIT_FLOOR = 1e-2
 
 # The projected-gradient polish (:func:`_polish`): a face step after a column kept its support for
 # _FACE_AFTER iterations, on supports of at most _FACE_MAX features (its cost is cubic in the support); the
@@ -78,8 +88,8 @@ _FACE_AFTER = 2
 _FACE_MAX = 2048
 _N_ADD = 32
 
-__all__ = ["ConvergenceWarning", "GramAccumulator", "MuLassoResult", "project_l1_ball", "solve_mu_lasso",
-           "mu_lasso_objective"]
+__all__ = ["ConvergenceWarning", "FIT_FLOOR", "GramAccumulator", "MuLassoResult", "check_radius", "project_l1_ball",
+           "solve_mu_lasso", "mu_lasso_objective"]
 
 
 class ConvergenceWarning(_SklearnConvergenceWarning):
@@ -89,7 +99,8 @@ class ConvergenceWarning(_SklearnConvergenceWarning):
     """
 
 
-def _check_radius(radius) -> float:
+def check_radius(radius) -> float:
+    """``radius`` as a float; a clear error unless it is a positive finite number (mu, the L1 radius)."""
     try:
         value = float(radius)
     except (TypeError, ValueError):
@@ -123,7 +134,7 @@ def project_l1_ball(v, radius: float = 1.0) -> np.ndarray:
     >>> project_l1_ball([3.0, -1.0, 0.5], radius=2.0)
     array([2., 0., 0.])
     """
-    radius = _check_radius(radius)
+    radius = check_radius(radius)
     v = np.asarray(v, dtype=np.float64)
     if v.ndim not in (1, 2):
         raise ValueError(f"expected a vector or a matrix (columns projected), got an array of shape {v.shape}")
@@ -629,6 +640,298 @@ class _Homotopy:
                 break
 
 
+# The lock-step homotopy pays for its shared product with bookkeeping over all classes on every step; on a
+# small problem that bookkeeping is the whole cost. Up to this many features, each class follows its own
+# path in :func:`_class_path` (a few array operations per event); above, one product per step serving every
+# class is worth it (it reads and multiplies the rows of Q once for all classes).
+_PER_CLASS_MAX_M = 512
+
+
+class _ClassPaths:
+    """The result of :func:`_class_path` for every class, in the shape :func:`_solve` reads from
+    :class:`_Homotopy` (``W``, ``done``, ``cycling``, ``idx`` and ``nU``)."""
+
+    def __init__(self, Q, q, lsq, mu, tol, max_iter, jump=True):
+        m, C = q.shape
+        diag = np.array(np.diagonal(Q))
+        eligible = diag > 0
+        read = np.zeros(m, dtype=bool)
+        f_floor = FIT_FLOOR * 0.5 * lsq.sum()
+        self.Q, self.q, self.mu, self.max_iter = Q, q, mu, max_iter
+        self.diag, self.eligible, self.read = diag, eligible, read
+        self.W = np.zeros((m, C))
+        self.done = np.zeros(C, dtype=bool)
+        self.cycling = np.zeros(C, dtype=bool)
+        self.jumped = np.zeros(C, dtype=bool)
+        self.idx = [np.zeros(0, dtype=np.intp)] * C
+        self.n_iter = 0
+        rounds = min(_JUMP_ROUNDS, max_iter) if jump else 0
+        for j in range(C):
+            # Half the tolerance: the certificate of _solve computes the gradient in another order of
+            # operations, and at an exact fit the gap is rounding.
+            w, used = _class_jump(Q, diag, eligible, np.ascontiguousarray(q[:, j]), lsq[j], mu, 0.5 * tol,
+                                  f_floor, rounds, read) if rounds else (None, 0)
+            if w is None:
+                self.homotopy([j])
+            else:
+                self.W[:, j] = w
+                self.idx[j] = np.flatnonzero(w)
+                self.done[j] = self.jumped[j] = True
+                self.n_iter = max(self.n_iter, used)
+
+    @property
+    def nU(self) -> int:
+        return int(self.read.sum())
+
+    def homotopy(self, classes) -> None:
+        """Solve ``classes`` by the homotopy (a jump the certificate rejects is redone this way)."""
+        for j in classes:
+            w, idx, it, done, cycling = _class_path(self.Q, self.diag, self.eligible,
+                                                    np.ascontiguousarray(self.q[:, j]), self.mu, self.max_iter,
+                                                    self.read)
+            self.W[:, j] = w
+            self.idx[j] = idx
+            self.done[j], self.cycling[j], self.jumped[j] = done, cycling, False
+            self.n_iter = max(self.n_iter, it)
+
+
+# Rounds of the active-set jump (:func:`_class_jump`) tried before the homotopy: it lands in one to five
+# rounds when it lands at all (measured on the problems of benchmarks/lasso_problems.py); beyond that it
+# cycles, and the homotopy, whose work is bounded, takes over.
+_JUMP_ROUNDS = 5
+
+
+def _class_jump(Q, diag, eligible, q, lsq, mu, tol, f_floor, rounds, read):
+    """Guess the optimal support and signs of one class and solve its optimality conditions there, a
+    primal-dual active-set (semismooth Newton) iteration: returns ``(w, rounds used)``, ``w`` None unless
+    the duality gap certifies it.
+
+    At the optimum, with ``g = q - Q w`` and ``lambda = ||g||_inf``, the features of the support are those
+    with ``|z_i| > lambda`` for ``z = diag(Q) w + g``, and ``sign(z_i)`` is the sign of ``w_i`` (the
+    prox-gradient fixed point in the metric ``diag(Q)``, which makes the guess independent of the scale of
+    the features). Each round takes that support A and signs s from the current point, solves
+    ``Q_AA w_A + lambda s = q_A, s^T w_A = mu`` (lambda = 0 and least squares on A when that lambda is
+    negative), and stops when the gap certifies the point. The first guess is the point ``w = 0`` projected
+    in that metric. Cheap where it works, since one round replaces as many homotopy events as features
+    enter; it gives up (returns None) on a singular ``Q_AA`` (more guessed features than independent ones)
+    and after ``rounds`` rounds, and the homotopy then solves the class.
+    """
+    m = q.size
+    z = np.where(eligible, q, 0.0)
+    # The threshold theta of the projection: sum_i max(|z_i| - theta, 0) / d_i = mu.
+    a = np.abs(z)
+    order = np.argsort(-a)
+    a_s = a[order]
+    inv = 1.0 / np.where(eligible, diag, 1.0)[order]
+    theta = (np.cumsum(a_s * inv) - mu) / np.cumsum(inv)
+    valid = np.flatnonzero(theta < a_s)
+    if not valid.size:
+        return None, 0
+    lam = max(float(theta[valid[-1]]), 0.0)
+    w = np.zeros(m)
+    kept = 0
+    for r in range(1, rounds + 1):
+        az = np.abs(z)
+        A = np.flatnonzero(az > lam)
+        if not A.size:
+            return None, r
+        A = A[np.argsort(-az[A], kind="stable")]  # most violated first: they are kept if A is too large
+        if r > 1 and A.size > 2 * kept + 8:  # a poor guess: grow by steps, not by a Cholesky of m features
+            A = A[:2 * kept + 8]
+        QA = Q[A]  # rows A of Q: its columns A
+        read[A] = True
+        R, info = dpotrf(QA[:, A], lower=1)
+        # More guessed features than independent ones (fewer images than features, low rank, blocks that
+        # sum to one): keep those before the first that is (numerically) in the span of the earlier ones.
+        piv = np.diagonal(R) ** 2 > _DEPENDENT * diag[A]
+        if info != 0:
+            piv[info - 1:] = False
+        if not piv.all():
+            keep = int(np.argmin(piv))
+            if keep == 0:
+                return None, r
+            A, QA, R = A[:keep], QA[:keep], np.asfortranarray(R[:keep, :keep])
+        kept = A.size
+        s = np.sign(z[A])
+        U = dpotrs(R, np.column_stack((q[A], s)), lower=1)[0]
+        su = s @ U
+        lam = (su[0] - mu) / su[1] if su[1] > 0 else 0.0
+        if lam < 0:
+            lam = 0.0
+        wA = U[:, 0] - lam * U[:, 1]
+        norm = np.abs(wA).sum()
+        if norm > mu:
+            if norm > mu * (1 + 1e-9):  # signs that disagree: not feasible yet
+                w[:] = 0.0
+                w[A] = wA
+                z = diag * w + (q - QA.T @ wA)
+                continue
+            wA *= mu / norm  # rounding: on the sphere, a few ulps out
+        g = q - QA.T @ wA
+        # The gap of the feasible point (SPGL1's form, 1/2 convention) and the objective, from g.
+        gap = max(mu * float(np.abs(g).max()) - float(wA @ g[A]), 0.0)
+        f = 0.5 * lsq - 0.5 * float(wA @ (q[A] + g[A]))
+        w[:] = 0.0
+        w[A] = wA
+        if gap <= tol * max(f, f_floor):
+            return w, r
+        z = diag * w + g
+    return None, rounds
+
+
+def _class_path(Q, diag, eligible, q, mu, max_iter, read):
+    """The lasso homotopy of one class (the same events and rules as :meth:`_Homotopy.step`), written for
+    few array operations per event: the columns of Q of the active features in entry order in one buffer,
+    the Cholesky factor bordered by one row per entry and refactored on a drop, the entering times of both
+    signs in one (2, m) array.
+
+    Returns ``(w, idx, iterations, done, cycling)``; ``read`` (bool, per feature) is set for every row of Q
+    read. The iterations count as in the lock-step homotopy: one per event, plus the one that ends the path.
+    """
+    m = q.size
+    ninf = -np.inf
+    shut = ~eligible  # not a candidate: ineligible, active, or blocked (dependent on the active set)
+    QA = np.empty((m, min(m, 16)), order="F")
+    idx_buf = np.zeros(m, dtype=np.intp)  # active features in entry order, and their signs
+    rhs = np.zeros((m, 2), order="F")  # (q_A, s) in the same order
+    R = np.zeros((0, 0), order="F")
+    sig = np.array([[1.0], [-1.0]])
+    k = 0
+    lam = np.inf
+    it = 0
+    last_added = last_dropped = -1
+    dropped_sign = 0.0
+    steps_at_lam = 0
+    absq = np.where(eligible, np.abs(q), 0.0)
+    U, at = None, 0.0  # the directions of the last event and its lambda: w = U[:, 0] - at U[:, 1]
+
+    def answer():
+        w = np.zeros(m)
+        if U is not None and k:
+            w[idx_buf[:U.shape[0]]] = U[:, 0] - at * U[:, 1]
+        return w
+
+    def insert(i, sign, ell):
+        nonlocal QA, R, k
+        if k == QA.shape[1]:  # amortised growth
+            grown = np.empty((m, min(m, 2 * k)), order="F")
+            grown[:, :k] = QA
+            QA = grown
+        QA[:, k] = Q[i]  # Q symmetric: its row i is its column i
+        read[i] = True
+        new = np.zeros((k + 1, k + 1), order="F")
+        new[:k, :k] = R
+        new[k, :k] = ell
+        new[k, k] = np.sqrt(diag[i] - ell @ ell)
+        R = new
+        idx_buf[k] = i
+        rhs[k] = q[i], sign
+        shut[i] = True
+        k += 1
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # the masked quotients only
+        while True:
+            if not k:  # the start, or every feature left (only through rounding): from w = 0
+                i = int(np.argmax(absq))
+                if absq[i] <= 0:  # no feature correlates with the class: w = 0 is optimal
+                    return np.zeros(m), idx_buf[:0].copy(), it, True, False
+                lam = min(lam, float(absq[i]))
+                insert(i, float(np.sign(q[i])), np.zeros(0))
+                last_added = i
+                U = None
+            if it >= max_iter:
+                return answer(), idx_buf[:k].copy(), it, False, False
+            it += 1
+            idx = idx_buf[:k]
+            U = dpotrs(R, rhs[:k], lower=1)[0]
+            u, dw = U[:, 0], U[:, 1]
+            B = QA[:, :k] @ U
+            # Entering (row 0: sign +1, row 1: sign -1): sigma c_i(lambda') = lambda' at
+            # sigma b_i / (1 - sigma a_i) when the denominator is positive (otherwise |c_i| falls at least as
+            # fast as lambda); a feature already above lambda (rounding at a tie) enters now.
+            num = sig * (q - B[:, 0])
+            den = 1.0 - sig * B[:, 1]
+            t = num / den
+            t[den <= 0.0] = ninf
+            t[num > lam * den] = lam
+            if last_dropped >= 0:  # no re-entry at once with the sign it left with (rounding at a tie)
+                row = 0 if dropped_sign > 0 else 1
+                if not t[row, last_dropped] < lam * (1 - 1e-9):
+                    t[row, last_dropped] = ninf
+            t_in = t.max(axis=0)
+            t_in[shut] = ninf
+            # The L1 norm s^T (u - lambda dw) reaches mu at lam_mu; w_i with s_i dw_i < 0 reaches zero at
+            # u_i / dw_i (not the feature that just entered at zero, always the last).
+            s = rhs[:k, 1]
+            su, nd = s @ U
+            lam_mu = (su - mu) / nd if nd > 0 else ninf
+            t_drop = np.where(s * dw < 0, u / dw, ninf)
+            if last_added >= 0:
+                t_drop[k - 1] = ninf
+            p_drop = int(np.argmax(t_drop))
+            drop = min(float(t_drop[p_drop]), lam)
+            tested = False
+            while True:
+                i = int(np.argmax(t_in))
+                lam_in = float(t_in[i])
+                event = max(drop, lam_in, 0.0)
+                if lam_mu >= event or event <= 0.0:
+                    at = min(max(lam_mu, 0.0), lam)
+                    # one step of iterative refinement against Q itself, for the final answer
+                    U = U + dpotrs(R, rhs[:k] - QA[idx, :k] @ U, lower=1)[0]
+                    w = answer()
+                    norm = np.abs(w).sum()
+                    if norm > mu:  # rounding: the solution is on the sphere, a few ulps out
+                        w *= mu / norm
+                    return w, idx.copy(), it, True, False
+                entering = drop < lam_in
+                if entering:
+                    ell = dtrsv(R, QA[i, :k], lower=1)
+                    if not diag[i] - ell @ ell > _DEPENDENT * diag[i]:
+                        # In the span of the active features (see _Homotopy.step): test every candidate at
+                        # once, block the dependent until the next drop, pick again.
+                        cand = np.array([i]) if tested else np.flatnonzero(t_in > ninf)
+                        E = dtrsm(1.0, R, QA[cand, :k].T, lower=1)
+                        dep = cand[~(diag[cand] - np.einsum("ij,ij->j", E, E) > _DEPENDENT * diag[cand])]
+                        shut[dep] = True
+                        t_in[dep] = ninf
+                        tested = True
+                        continue
+                break
+            steps_at_lam = steps_at_lam + 1 if event >= lam else 0
+            if steps_at_lam > 2 * m + 10:  # cycling among ties: the certificate decides
+                at = lam  # the point of the previous event, on these directions
+                return answer(), idx.copy(), it, True, True
+            at = lam = event
+            last_added = last_dropped = -1
+            if entering:
+                insert(i, 1.0 if t[0, i] >= t[1, i] else -1.0, ell)
+                last_added = i
+            else:
+                i = int(idx[p_drop])
+                dropped_sign = float(rhs[p_drop, 1])
+                last_dropped = i
+                # the point of this event, before the support shrinks (the dropped weight is zero there)
+                w_now = U[:, 0] - event * U[:, 1]
+                idx_buf[p_drop:k - 1] = idx_buf[p_drop + 1:k]
+                rhs[p_drop:k - 1] = rhs[p_drop + 1:k]
+                QA[:, p_drop:k - 1] = QA[:, p_drop + 1:k]
+                k -= 1
+                U = np.delete(U, p_drop, axis=0)
+                U[:, 0] = np.delete(w_now, p_drop)
+                U[:, 1] = 0.0
+                at = 0.0
+                shut[:] = ~eligible  # a feature dependent on the old set may not be on the smaller one
+                shut[idx_buf[:k]] = True
+                if k:
+                    # a principal submatrix of a positive definite matrix: refactor (drops are rare)
+                    R, info = dpotrf(QA[idx_buf[:k], :k], lower=1, clean=1)
+                    if info != 0:  # lost definiteness to rounding: stop, the certificate will tell
+                        return answer(), idx_buf[:k].copy(), it, True, True
+                else:
+                    R = np.zeros((0, 0), order="F")
+
+
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
     """The BLAS libraries loaded, found once (finding them costs more than solving a small problem)."""
@@ -642,7 +945,7 @@ def _full_gap(Q, q, lsq, mu, W):
     G = Q[U].T @ W[U] - q  # Q symmetric: the rows U of Q are its columns U
     f = 0.5 * np.einsum("ij,ij->j", W[U], G[U] - q[U]) + 0.5 * lsq
     gap = np.maximum(np.einsum("ij,ij->j", W[U], G[U]) + mu * np.abs(G).max(axis=0), 0.0)
-    return f, gap, gap / np.maximum(f, _FIT_FLOOR * 0.5 * lsq.sum())
+    return f, gap, gap / np.maximum(f, FIT_FLOOR * 0.5 * lsq.sum())
 
 
 def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-8, max_iter: int = 10000,
@@ -690,7 +993,7 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     >>> res.converged, res.status, res.W.shape, bool(np.all(np.abs(res.W).sum(0) <= 1 + 1e-9))
     (True, 'converged', (20, 3), True)
     """
-    mu = _check_radius(mu)
+    mu = check_radius(mu)
     Q, q, lsq = _gram_arrays(gram, q, lsq)
     # An accumulator checked every batch it took; arrays from elsewhere are checked here.
     if not isinstance(gram, GramAccumulator) and not (np.all(np.isfinite(Q)) and np.all(np.isfinite(q))
@@ -720,18 +1023,30 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
     return res
 
 
-def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback) -> MuLassoResult:
+def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback, per_class=None) -> MuLassoResult:
     """The homotopies of all classes in lock-step and the certificate; inputs checked."""
     m, C = q.shape
-    path = _Homotopy(Q, q, mu, W0)
-    it = 0
-    while it < max_iter and not path.done.all():
-        it += 1
-        path.step()
-        if callback is not None:
-            callback(it, path.W.copy(), _full_gap(Q, q, lsq, mu, path.W)[2])
+    if per_class is None:
+        per_class = W0 is None and callback is None and m <= _PER_CLASS_MAX_M
+    if per_class:
+        path = _ClassPaths(Q, q, lsq, mu, tol, max_iter)
+        it = path.n_iter
+    else:
+        path = _Homotopy(Q, q, mu, W0)
+        it = 0
+        while it < max_iter and not path.done.all():
+            it += 1
+            path.step()
+            if callback is not None:
+                callback(it, path.W.copy(), _full_gap(Q, q, lsq, mu, path.W)[2])
     W = path.W
     f, gap, rel = _full_gap(Q, q, lsq, mu, W)
+    if per_class:
+        redo = np.flatnonzero((rel > tol) & path.jumped)
+        if redo.size:
+            path.homotopy(redo)
+            it = path.n_iter
+            f, gap, rel = _full_gap(Q, q, lsq, mu, W)
     unfinished = ~path.done
     # A homotopy that ended but is not certified was let down by rounding (a nearly singular active block,
     # a feature held out as dependent that still improves the objective by a hair): polish those classes by
@@ -739,7 +1054,7 @@ def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback) -> MuLassoResult:
     n_polish = 0
     stuck = np.flatnonzero((rel > tol) & ~unfinished)
     if stuck.size and it < max_iter:
-        floor = _FIT_FLOOR * 0.5 * lsq.sum()
+        floor = FIT_FLOOR * 0.5 * lsq.sum()
         W[:, stuck], n_polish = _polish(Q, q[:, stuck], lsq[stuck], mu, tol, max_iter - it, W[:, stuck], floor)
         it += n_polish
         f, gap, rel = _full_gap(Q, q, lsq, mu, W)

@@ -9,6 +9,7 @@ a nonzero weight for any class. ``coef_`` has scikit-learn's orientation (C x m)
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -17,7 +18,7 @@ from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from vefi.descriptors import Feature, FeatureIndex
-from vefi.lasso import ConvergenceWarning, GramAccumulator, MuLassoResult, _check_radius, solve_mu_lasso
+from vefi.lasso import ConvergenceWarning, GramAccumulator, MuLassoResult, check_radius, solve_mu_lasso
 
 __all__ = ["RelevantFeatureSelector", "SelectionPath", "one_hot", "selection_path"]
 
@@ -104,6 +105,9 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
     message_ : str
         Why the solver stopped, and what to do if it did not converge.
     result_ : vefi.lasso.MuLassoResult
+    method_, n_passes_, working_set_, class_labels_
+        Set by :func:`vefi.statistics.fit_relevant` only: ``"dense"`` or ``"working_set"``, the passes over
+        the data, the columns of the final working set, and the label value of each row of ``coef_``.
 
     Examples
     --------
@@ -137,7 +141,7 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
         -------
         self
         """
-        mu = _check_radius(self.mu)
+        mu = check_radius(self.mu)
         if isinstance(X, GramAccumulator):
             if y is not None:
                 raise TypeError("with a GramAccumulator the labels are already in it: pass y=None")
@@ -169,10 +173,77 @@ class RelevantFeatureSelector(SelectorMixin, BaseEstimator):
             res = solve_mu_lasso(gram, mu, tol=self.tol, max_iter=self.max_iter, W0=W0)
         if not res.converged:
             warnings.warn(f"RelevantFeatureSelector(mu={mu:g}): {res.message}", ConvergenceWarning, stacklevel=2)
+        return self._set_result(res)
+
+    @classmethod
+    def from_result(cls, result: MuLassoResult, *, columns=None, n_features: int | None = None,
+                    **params) -> "RelevantFeatureSelector":
+        """A fitted selector from a solve done elsewhere, e.g. over a subset of the columns.
+
+        Parameters
+        ----------
+        result : vefi.lasso.MuLassoResult
+            The solve; the selector's ``mu`` and ``tol`` are the result's.
+        columns : array_like of int, optional
+            The feature (column) of each row of ``result.W``, when the solve was over a subset of the
+            ``n_features`` columns; the weights of the other columns are zero. Default: all, in order.
+        n_features : int, optional
+            Total number of features m (needed with ``columns``).
+        **params
+            Other parameters of the selector (``threshold``, ``max_iter``, ``n_classes``, ...).
+
+        Returns
+        -------
+        RelevantFeatureSelector
+            Fitted: ``coef_`` has shape (C, m). The certificate attributes (``gap_``, ``relative_gap_``,
+            ``converged_``, ``status_``, ``message_``) are the result's: for a solve over a subset of the
+            columns they certify that subproblem only, unless the result carries the gap of the full problem
+            (as :func:`vefi.statistics.fit_relevant`'s does).
+
+        Examples
+        --------
+        >>> from vefi.descriptors import synthetic_descriptors
+        >>> from vefi.lasso import GramAccumulator, solve_mu_lasso
+        >>> X, y = synthetic_descriptors(300, [20, 10], n_classes=3)
+        >>> cols = np.arange(10, 30)
+        >>> res = solve_mu_lasso(GramAccumulator.from_data(X[:, cols], one_hot(y)), mu=2)
+        >>> sel = RelevantFeatureSelector.from_result(res, columns=cols, n_features=30)
+        >>> sel.coef_.shape, bool(np.all(sel.coef_[:, :10] == 0))
+        ((3, 30), True)
+        """
+        if not isinstance(result, MuLassoResult):
+            raise TypeError(f"expected a vefi.lasso.MuLassoResult, got {type(result).__name__}")
+        for name in ("mu", "tol"):
+            if name in params:
+                raise TypeError(f"{name} comes from the result ({getattr(result, name)!r}); do not pass it")
+        W = np.asarray(result.W, dtype=np.float64)
+        if W.ndim != 2:
+            raise ValueError(f"result.W must have shape (m, C), got {W.shape}")
+        if columns is not None:
+            columns = np.asarray(columns, dtype=np.intp).reshape(-1)
+            if n_features is None:
+                raise TypeError("with columns, give n_features (the total number of features m)")
+            n_features = int(n_features)
+            if columns.shape[0] != W.shape[0]:
+                raise ValueError(f"{columns.shape[0]} columns given for the {W.shape[0]} rows of result.W")
+            if columns.size and (columns.min() < 0 or columns.max() >= n_features):
+                raise ValueError(f"columns must lie in 0..{n_features - 1}")
+            if np.unique(columns).size != columns.size:
+                raise ValueError("columns contains repeated features")
+            full = np.zeros((n_features, W.shape[1]))
+            full[columns] = W
+            W = full
+        elif n_features is not None and int(n_features) != W.shape[0]:
+            raise ValueError(f"result.W has {W.shape[0]} rows but n_features={n_features}; pass columns= too")
+        sel = cls(mu=result.mu, tol=result.tol, **params)
+        return sel._set_result(replace(result, W=W))
+
+    def _set_result(self, res: MuLassoResult) -> "RelevantFeatureSelector":
+        """Store a solve as the fitted state."""
         self.result_: MuLassoResult = res
         self.coef_ = res.W.T.copy()
-        self.classes_ = np.arange(gram.n_targets)
-        self.n_features_in_ = gram.n_features
+        self.classes_ = np.arange(res.W.shape[1])
+        self.n_features_in_ = res.W.shape[0]
         self.objective_ = res.objective
         self.gap_ = res.gap
         self.relative_gap_ = res.relative_gap
