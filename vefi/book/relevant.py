@@ -18,10 +18,11 @@ from vefi.book._cache import code_hash, load_arrays, save_arrays
 from vefi.book.config import data_dir
 from vefi.book.data import load_dataset
 from vefi.book.train import pretrained
-from vefi.descriptors import FeatureIndex, default_layers, descriptors
+from vefi.descriptors import FeatureIndex, default_layers
 from vefi.lasso import ConvergenceWarning, GramAccumulator
 from vefi.relevant import RelevantFeatures, model_fingerprint
-from vefi.selection import RelevantFeatureSelector, one_hot
+from vefi.selection import RelevantFeatureSelector
+from vefi.statistics import gram_statistics
 
 __all__ = ["DEFAULT_MU", "relevant_features", "training_gram"]
 
@@ -37,13 +38,14 @@ def training_gram(name: str, model: nn.Module | None = None, *, network: int = 0
     model = pretrained(name, network) if model is None else model
     data = load_dataset(name, "train")
     index = FeatureIndex.from_layers(default_layers(model))
-    key = f"{model_fingerprint(model)}-{code_hash('vefi.descriptors', 'vefi.lasso')}"
+    key = f"{model_fingerprint(model)}-{code_hash('vefi.descriptors', 'vefi.lasso', 'vefi.statistics')}"
     path = data_dir() / "descriptors" / f"{name}-gram-{key}-n{len(data)}.npz"
     stored = load_arrays(path)
     gram = GramAccumulator()
     if stored is None:
-        X, index, y = descriptors(model, data, batch_size=250)
-        gram = GramAccumulator.from_data(X, one_hot(y, len(data.classes)))
+        # streamed: the descriptors of each batch go into the Gram pair; the (N, m) matrix never exists
+        gram, index = gram_statistics(model, data, index.layers, classes=range(len(data.classes)),
+                                      batch_size=250)
         save_arrays(path, Q=gram.Q, q=gram.q, lsq=gram.lsq, n=np.array(gram.n_samples))
     else:
         gram.Q, gram.q, gram.lsq, gram.n_samples = stored["Q"], stored["q"], stored["lsq"], int(stored["n"])
