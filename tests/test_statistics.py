@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import vefi
 from vefi.descriptors import DescriptorStream, descriptors, synthetic_descriptors
 from vefi.lasso import ConvergenceWarning, GramAccumulator, MuLassoResult, mu_lasso_objective, solve_mu_lasso
 from vefi.selection import RelevantFeatureSelector, one_hot
@@ -387,3 +388,20 @@ def test_errors_leave_the_model_as_it_came():
         sel, _ = fit_relevant(net, images, 1.0, labels=y, working_set=True, show_progress=False)
     assert sel.converged_
     assert_same_state(state_of(net), before)
+
+
+def test_select_features_reads_the_image_shape_from_any_kind_of_data():
+    # one way to read the shape (vefi.statistics.peek_image_shape) for select_features and the fit alike: a
+    # one-shot generator is peeked without losing its first batch, an empty dataset says so
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x, y = torch.rand(60, 1, 12, 12), torch.arange(60) % 3
+    picked = []
+    for data in (DataLoader(TensorDataset(x, y), batch_size=16), TensorDataset(x, y),
+                 ((x[i:i + 20], y[i:i + 20]) for i in range(0, 60, 20))):
+        relevant = vefi.select_features(model, data, mu=1.0, show_progress=False)
+        assert relevant.input_shape == (1, 12, 12)
+        picked.append(relevant.features)
+    assert picked[0] == picked[1] == picked[2]  # the generator's first batch was not lost
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        vefi.select_features(model, TensorDataset(x[:0], y[:0]), show_progress=False)

@@ -24,7 +24,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from vefi.descriptors import Feature, FeatureIndex
@@ -189,39 +188,17 @@ def select_features(model: nn.Module, data, mu: float = 10.0, *, labels=None, cl
     >>> tuple(explanation.heatmap.shape)
     (2, 12, 12)
     """
-    from vefi.statistics import fit_relevant
+    from vefi.statistics import fit_relevant, peek_image_shape
 
     if input_shape is None:
-        input_shape = _input_shape(data)
+        input_shape = getattr(model, "input_shape", None)
+    if input_shape is None:
+        input_shape, data = peek_image_shape(data)
+        if input_shape is None:
+            raise ValueError("cannot tell the image shape from the data: pass input_shape=, e.g. (3, 224, 224)")
     selector, index = fit_relevant(model, data, mu, labels=labels, classes=classes, layers=layers,
                                    batch_size=batch_size, input_shape=input_shape, show_progress=show_progress,
                                    **fit_options)
     fitted_classes = range(selector.coef_.shape[0]) if classes is None else classes
     return RelevantFeatures(model, index, selector, tuple(int(c) for c in fitted_classes),
                             tuple(int(s) for s in input_shape), str(name))
-
-
-def _input_shape(data) -> tuple[int, ...]:
-    """Shape of one image of ``data``, from its first item or batch (without consuming a loader)."""
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        if data.ndim < 2:
-            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(data.shape)}")
-        return tuple(data.shape[1:])
-    source = getattr(data, "dataset", None)  # a DataLoader: look at its dataset's first item
-    if source is not None and hasattr(source, "__getitem__"):
-        try:
-            item = source[0]
-        except Exception as error:  # an IterableDataset or a dataset without item 0
-            raise ValueError("cannot tell the image shape from the loader's dataset: pass input_shape=") \
-                from error
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        return tuple(torch.as_tensor(image).shape)
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        if len(data) == 0:
-            raise ValueError("no images: the dataset is empty")
-        item = data[0]
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        return tuple(torch.as_tensor(image).shape[-3:] if torch.as_tensor(image).dim() > 3
-                     else torch.as_tensor(image).shape)
-    raise ValueError("cannot tell the image shape from an iterable of batches without consuming it: pass "
-                     "input_shape=, e.g. (3, 224, 224)")

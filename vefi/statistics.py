@@ -69,7 +69,7 @@ from vefi.layers import Layer, check_scores
 from vefi.selection import RelevantFeatureSelector
 
 __all__ = ["ArrayStream", "MEMORY_FRACTION", "StatisticsMemoryError", "available_memory", "estimate_memory",
-           "fit_relevant", "gram_statistics"]
+           "fit_relevant", "gram_statistics", "peek_image_shape"]
 
 #: Fraction of the available memory a fit may use when ``max_memory`` is not given.
 MEMORY_FRACTION = 0.5
@@ -232,11 +232,15 @@ class _Labelled:
                 close()  # abandoned: the descriptor stream's hooks come off now
 
 
-def _first_image_shape(data):
-    """The shape of one image of ``data``, and ``data`` itself (rebuilt when a one-shot iterator was peeked)."""
+def peek_image_shape(data):
+    """``(shape of one image of data or None, data)``: ``data`` is rebuilt when a one-shot iterator was
+    peeked, so pass the returned one on. A tensor, a Dataset (its item 0), a DataLoader or an iterable of
+    batches (its first batch)."""
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return (tuple(data.shape[1:]) if data.ndim >= 2 else None), data
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError("no images: the dataset is empty")
         try:
             item = data[0]
         except (IndexError, KeyError, TypeError):
@@ -339,7 +343,7 @@ def _source(model, data, layers, labels, classes, batch_size, input_shape, show_
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
     if input_shape is None:
-        input_shape, data = _first_image_shape(data)
+        input_shape, data = peek_image_shape(data)
         if input_shape is None:
             raise ValueError("cannot tell the image shape: pass input_shape=, e.g. (3, 224, 224)")
     if len(tuple(input_shape)) != 3:
