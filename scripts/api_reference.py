@@ -39,9 +39,11 @@ Every function of the library uses these words in one sense:
   image's predicted class), an int (that class for every image), or a sequence, array or integer tensor of one
   class per image; a class is an output unit of the model. `vefi.targets.resolve_target` is the one
   conversion.
-- **layer**: a module name (`"features.3"`), a module, or an entry of `vefi.layers.layer_table` (a `Layer`,
-  which also knows its number in the forward pass, its type and shapes); a number is accepted as the table's
-  numbering.
+- **layer**: one *call* of a module in the forward pass: a module name (`"features.3"`), with `":k"` for the
+  k-th call of a module called several times (`"layer1.0.relu:2"`, the ReLU after a ResNet block's
+  addition); the name of a block, whose output is a layer too (`"layer4"`); a module called once; or an entry
+  of `vefi.layers.layer_table` (a `Layer`, which also knows its number in the forward pass, its type, its
+  shapes and which call it is); a number is accepted as the table's numbering.
 - **feature**: a `vefi.Feature`, a layer and a channel (with the layer's number, name and type): what the
   selection returns and what back-projection, ablation and average images take; `(layer, channel)` pairs
   are accepted wherever a feature is.

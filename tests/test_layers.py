@@ -76,4 +76,6 @@ def test_input_shape_required_for_foreign_models():
 def test_kinds():
     assert layer_kind(nn.LocalResponseNorm(3)) == "lrn"
     assert layer_kind(nn.AdaptiveAvgPool2d(1)) == "pool"
-    assert layer_kind(nn.GELU()) == "other"
+    assert layer_kind(nn.GELU()) == "gelu"
+    assert layer_kind(nn.Tanh()) == "other"
+    assert layer_kind(nn.Sequential(nn.ReLU())) == "block"

@@ -171,16 +171,17 @@ def test_table_and_model_untouched():
 def position_support(net, image, picks):
     """Support of d(sum over channels of the output at (y, x)) / d image, one row per pick.
 
-    ``picks``: list of (module, y, x) with y = x = None for the sum of all outputs of the module (a unit of
-    a whole-image layer sees what all of them see). One forward pass on a batch with one pick per row, one
-    backward pass."""
+    ``picks``: list of ((module, call), y, x) with y = x = None for the sum of all outputs of the module's
+    call-th call (a unit of a whole-image layer sees what all of them see). One forward pass on a batch with
+    one pick per row, one backward pass."""
     image = image.expand(len(picks), *image.shape[1:]).clone().requires_grad_(True)
-    captured = {}
+    captured, counts = {}, {}
 
     def hook(module, inputs, output):
-        captured.setdefault(module, output.clone())  # clone: a later in-place op must not rewrite it
+        counts[module] = call = counts.get(module, 0) + 1
+        captured[(module, call)] = output.clone()  # clone: a later in-place op must not rewrite it
 
-    handles = [m.register_forward_hook(hook) for m in {m for m, _, _ in picks}]
+    handles = [m.register_forward_hook(hook) for m in {m for (m, _), _, _ in picks}]
     try:
         net(image)
     finally:
@@ -266,7 +267,7 @@ def check_boxes(net, size, fields, *, channels=1, exact_fill=False, image=None):
     dtype = next(net.parameters()).dtype
     picks, boxes = [], []
     for field in fields:
-        module = field.layer.module
+        module = (field.layer.module, field.layer.call)
         if field.whole:
             picks.append((module, None, None))
             boxes.append(field.box(0, 0))
@@ -394,7 +395,7 @@ def test_torchvision_boxes_against_gradient_support(name):
     chosen = spread(maps, 4) + spread(whole, 2)
     twin = positive_twin(net)
     modules = dict(twin.named_modules())
-    twinned = [replace(f, layer=replace(f.layer, module=modules[f.layer.name])) for f in chosen]
+    twinned = [replace(f, layer=replace(f.layer, module=modules[f.layer.module_name])) for f in chosen]
     check_boxes(twin, side, twinned, channels=3)
     # nothing made up for global layers: no jump, no start
     assert all(f.jump is None and f.start is None for f in fields if f.whole)

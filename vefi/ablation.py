@@ -41,7 +41,7 @@ from torch import nn
 from vefi._model_state import preserved
 from vefi._progress import progress
 from vefi.descriptors import Feature, FeatureIndex
-from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer, tapped
 
 __all__ = ["ablated", "ablation_accuracy", "feature_strength", "mean_class_accuracy", "random_like", "subsample"]
 
@@ -108,7 +108,7 @@ def _masks(table: list[Layer], configurations: Sequence[Iterable]) -> dict[int, 
     masks: dict[int, tuple[Layer, torch.Tensor]] = {}
     for g, features in enumerate(configurations):
         if isinstance(features, (Feature, str)) or (isinstance(features, tuple) and len(features) == 2
-                                                     and isinstance(features[0], (int, str, np.integer))):
+                                                     and isinstance(features[0], (int, str, np.integer, nn.Module))):
             raise TypeError("each configuration must be a sequence of features, got a single feature "
                             f"{features!r}; wrap it in a list")
         for item in features:
@@ -119,10 +119,12 @@ def _masks(table: list[Layer], configurations: Sequence[Iterable]) -> dict[int, 
     return masks
 
 
-def _mask_hook(mask: torch.Tensor):
-    groups = mask.shape[0]
+def _masked(masks: dict[int, tuple[Layer, torch.Tensor]]):
+    """The tap that multiplies each masked layer's output by its mask, group g of the batch by mask g."""
 
-    def hook(module, inputs, output):
+    def apply(layer, output):
+        mask = masks[layer.number][1]
+        groups = mask.shape[0]
         if not isinstance(output, torch.Tensor) or output.shape[0] % groups:
             raise RuntimeError(f"cannot ablate: expected a tensor output whose batch is a multiple of {groups}")
         shaped = output.reshape(groups, output.shape[0] // groups, *output.shape[1:])
@@ -131,19 +133,7 @@ def _mask_hook(mask: torch.Tensor):
         # A new tensor, not an in-place edit: with an in-place ReLU the output aliases the layer's input.
         return (shaped * m).reshape(output.shape)
 
-    return hook
-
-
-@contextmanager
-def _hooked(masks: dict[int, tuple[Layer, torch.Tensor]]) -> Iterator[None]:
-    handles = []
-    try:
-        for layer, mask in masks.values():
-            handles.append(layer.module.register_forward_hook(_mask_hook(mask)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return apply
 
 
 @contextmanager
@@ -179,7 +169,7 @@ def ablated(model: nn.Module, features: Iterable, *, input_shape: tuple[int, ...
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     masks = _masks(layer_table(model, input_shape), [list(features)])
-    with preserved(model), _hooked(masks):
+    with preserved(model), tapped(model, [layer for layer, _ in masks.values()], _masked(masks)):
         yield model
 
 
@@ -245,7 +235,7 @@ def ablation_accuracy(model: nn.Module, images: torch.Tensor, labels, configurat
             # chunks go to the model's device and dtype: the accuracies come back as numbers in any case
             x = check_images(images[s0:s0 + image_chunk], model=model, convert=True)
             masks = _masks(table, group)
-            with _hooked(masks):
+            with tapped(model, [layer for layer, _ in masks.values()], _masked(masks)):
                 out = check_scores(model(x.repeat(len(group), *([1] * (x.dim() - 1)))), len(group) * x.shape[0])
             predicted[g0:g0 + len(group), s0:s0 + x.shape[0]] = \
                 out.argmax(1).reshape(len(group), x.shape[0]).cpu().numpy()

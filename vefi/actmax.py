@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer, tapped
 from vefi.perturbation import blur
 
 __all__ = ["ActMaxResult", "Patches", "StalledError", "StalledWarning", "activation_maximisation", "filters",
@@ -182,25 +182,21 @@ class _RedirectedReLUs(TorchFunctionMode):
 
 def _objective(model: nn.Module, x: torch.Tensor, targets: list[_Target], reduction: str) -> torch.Tensor:
     """One forward pass; the objective of row i is its own target's response."""
-    modules = {id(t.layer.module): t.layer.module for t in targets if t.layer is not None}
+    layers = {t.layer.number: t.layer for t in targets if t.layer is not None}
     captured: dict[int, torch.Tensor] = {}
 
-    def hook(module, inputs, output):
+    def keep(layer, output):
         # clone: an in-place ReLU right after would overwrite the very tensor we keep
-        captured.setdefault(id(module), output.clone())
+        captured[layer.number] = output.clone()
 
-    handles = [m.register_forward_hook(hook) for m in modules.values()]
-    try:
+    with tapped(model, layers.values(), keep):
         logits = check_scores(model(x), x.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
     values = []
     for i, t in enumerate(targets):
         if t.layer is None:
             values.append(logits[i, t.channel])
         else:
-            act = captured[id(t.layer.module)][i:i + 1, t.channel]
+            act = captured[t.layer.number][i:i + 1, t.channel]
             values.append(_reduce(act, reduction)[0])
     return torch.stack(values)
 
@@ -430,33 +426,28 @@ def unit_responses(model: nn.Module, data, layer, channel: int, *, batch_size: i
     """
     layers = layer_table(model, tuple(data.images.shape[1:]))
     target = _resolve_targets(layers, [(layer, channel)])[0]
-    module = target.layer.module
     responses, positions = [], []
     captured = []
 
-    def hook(module, inputs, output):
+    def keep(_, output):
         captured.append(output[:, target.channel].detach().clone())
 
-    with preserved(model):
+    with preserved(model), tapped(model, [target.layer], keep):
         model.eval()
-        handle = module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                for lo in progress(range(0, len(data), batch_size), desc=f"responses of {target.label}",
-                                   disable=not show_progress):
-                    captured.clear()
-                    model(check_images(data.batch(slice(lo, lo + batch_size)), model=model, convert=True))
-                    act = captured[0]
-                    if act.dim() == 1:
-                        responses.append(act.cpu())
-                        positions.append(torch.zeros(act.shape[0], 2, dtype=torch.long))
-                        continue
-                    flat = act.flatten(1)
-                    best, where = flat.max(1)
-                    responses.append(best.cpu())
-                    positions.append(torch.stack([where // act.shape[2], where % act.shape[2]], 1).cpu())
-        finally:
-            handle.remove()
+        with torch.no_grad():
+            for lo in progress(range(0, len(data), batch_size), desc=f"responses of {target.label}",
+                               disable=not show_progress):
+                captured.clear()
+                model(check_images(data.batch(slice(lo, lo + batch_size)), model=model, convert=True))
+                act = captured[0]
+                if act.dim() == 1:
+                    responses.append(act.cpu())
+                    positions.append(torch.zeros(act.shape[0], 2, dtype=torch.long))
+                    continue
+                flat = act.flatten(1)
+                best, where = flat.max(1)
+                responses.append(best.cpu())
+                positions.append(torch.stack([where // act.shape[2], where % act.shape[2]], 1).cpu())
     return torch.cat(responses), torch.cat(positions)
 
 

@@ -112,7 +112,7 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, layer_table, pair, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, pair, resolve_layer, tapped
 
 __all__ = ["RULES", "POOL_FIXES", "SOURCES", "NonlinearityGuard", "backproject", "conv_backproject",
            "maxpool_backproject", "avgpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
@@ -712,7 +712,7 @@ class _Stop(Exception):
 
 
 def _is_feature(item) -> bool:
-    return isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], (int, str, Layer)) \
+    return isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], (int, str, Layer, nn.Module)) \
         and not isinstance(item[0], bool)
 
 
@@ -777,7 +777,16 @@ class _LayoutMode(TorchFunctionMode):
         else:
             source = self._first_moved(args, kwargs)
             if source is not None:
-                axis = self.axis(source) if out.dim() == source.dim() else -1
+                before = self.axis(source)
+                if out.dim() == source.dim():
+                    axis = before
+                elif out.dim() == 4 and 0 < before < source.dim() - 2 and out.shape[0] == source.shape[0] \
+                        and out.shape[-2:] == source.shape[-2:]:
+                    # the moved axis merged back into axis 1 with the rows and columns kept: a channel
+                    # shuffle (ShuffleNet's view, transpose, view), whose channels are channels again
+                    axis = 1
+                else:
+                    axis = -1
         if axis != 1:
             key = id(out)
             self.moved[key] = (weakref.ref(out, lambda _, k=key: self.moved.pop(k, None)), axis)
@@ -788,7 +797,7 @@ _AXES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary
 
 
 def _channel_axes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, int]:
-    """id(leaf module) -> the channel axis of its (first call's) output in the batch: 1 for channel-first.
+    """Layer number -> the channel axis of its output in the batch: 1 for channel-first.
 
     One forward pass of a zero image, remembered as :func:`_layers` remembers the table."""
     key = (input_shape, tuple((id(m), type(m), m.extra_repr()) for m in model.modules()))
@@ -798,22 +807,17 @@ def _channel_axes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, i
     axes: dict[int, int] = {}
     mode = _LayoutMode()
 
-    def hook(module, inputs, output):
-        if id(module) not in axes and isinstance(output, torch.Tensor):
-            axes[id(module)] = mode.axis(output)
+    def record(layer, output):
+        if isinstance(output, torch.Tensor):
+            axes[layer.number] = mode.axis(output)
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    with preserved(model):
-        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-        try:
-            model.eval()
-            with torch.no_grad(), mode:
-                model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
-        finally:
-            for h in handles:
-                h.remove()
+    with preserved(model), tapped(model, _layers(model, input_shape), record):
+        model.eval()
+        with torch.no_grad(), mode:
+            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
     if list(model.children()):
         _AXES[model] = (key, axes)
     return axes
@@ -824,7 +828,7 @@ def _check_channel_first(layers: list[Layer], layer: Layer, axes) -> None:
     shape = layer.output_shape
     if len(shape) == 2:
         before = [other for other in layers if other.number < layer.number and len(other.output_shape) == 3
-                  and axes().get(id(other.module), 1) == 1]
+                  and axes().get(other.number, 1) == 1]
         instead = (f", e.g. layer {before[-1].number} {before[-1].name!r} ({type(before[-1].module).__name__},"
                    f" output {before[-1].output_shape})" if before else "")
         raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) has output shape "
@@ -833,10 +837,10 @@ def _check_channel_first(layers: list[Layer], layer: Layer, axes) -> None:
                          f"the image is cut into tokens{instead}, or wrap the model so that this layer's output "
                          "is reshaped to (C, H, W)")
     if len(shape) == 3 and layer.kind != "conv":
-        axis = axes().get(id(layer.module), 1)
+        axis = axes().get(layer.number, 1)
         if axis != 1:
             after = [other for other in layers if other.number > layer.number and len(other.output_shape) == 3
-                     and axes().get(id(other.module), 1) == 1]
+                     and axes().get(other.number, 1) == 1]
             where = f"on axis {axis - 1} of {shape}" if axis > 0 else f"lost in a reshape of {shape}"
             instead = (f", e.g. the next one, layer {after[0].number} {after[0].name!r} "
                        f"({type(after[0].module).__name__}, output {after[0].output_shape})" if after else "")
@@ -1007,16 +1011,12 @@ def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, sourc
     k = len(resolved[0])
     by_layer: dict[int, Layer] = {feat.layer.number: feat.layer for f in resolved for feat in f}
     numbers = sorted(by_layer)
-    modules = {id(layer.module): layer.number for layer in by_layer.values()}
     captured: dict[int, torch.Tensor] = {}
 
-    def capture(module, inputs, output):
-        number = modules[id(module)]
-        if number in captured:
-            return  # a module called twice is its first call, as in layer_table
+    def capture(layer, output):
         # a clone: a later in-place op in the model must not change what we seed
-        captured[number] = output.clone()
-        if number == numbers[-1]:
+        captured[layer.number] = output.clone()
+        if layer.number == numbers[-1]:
             raise _Stop
 
     def forward(x):
@@ -1056,15 +1056,12 @@ def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, sourc
             seeds.append(seed)
         return seeds
 
-    handles = []
     with preserved(model), gradients_on(model):
-        try:
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            loop = _has_user_hooks(model)  # before ours are added
-            for layer in by_layer.values():
-                handles.append(layer.module.register_forward_hook(capture))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        loop = _has_user_hooks(model)  # before ours are added
+        with tapped(model, by_layer.values(), capture):
             x = images.detach().clone()  # inside gradients_on: a normal tensor even under inference mode
             if loop:
                 # the user's hooks may not run under torch.func: the same backward pass, once per seed
@@ -1078,9 +1075,6 @@ def _backproject_rows(model, images, resolved, rule, stride_fix, pool_fix, sourc
                 acts, pull = torch.func.vjp(forward, x)
                 (maps,) = torch.func.vmap(pull)(tuple(seeds_for(acts)))
             return maps.detach().transpose(0, 1)
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def _has_user_hooks(model: nn.Module) -> bool:
@@ -1122,7 +1116,7 @@ def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: i
     from vefi.descriptors import descriptors  # descriptors computes exactly these norms
 
     images = check_images(images, getattr(model, "input_shape", None))
-    if isinstance(layers, (int, str, Layer)):
+    if isinstance(layers, (int, str, Layer, nn.Module)):
         layers = [layers]
     table = _layers(model, tuple(images.shape[1:]))
     chosen = [resolve_layer(table, key) for key in layers]

@@ -37,14 +37,21 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
-from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer, tapped
 from vefi.targets import resolve_target
 
 __all__ = ["default_layer", "grad_cam", "cam", "upsampled_activations"]
 
 
+# what Grad-CAM may look at by default: convolutions, normalisations, activations and block outputs (a
+# residual sum, a concatenation of branches), not pools, which only coarsen the map before them
+_MAP_KINDS = ("conv", "bn", "gn", "ln", "block", "relu", "relu6", "leakyrelu", "hardswish", "silu", "gelu")
+
+
 def default_layer(model: nn.Module, input_shape) -> Layer:
-    """The last convolution or ReLU whose output is still a map (C, h, w): Grad-CAM's usual choice.
+    """The last layer whose output is still a map (C, h, w) and which is a convolution, a normalisation, an
+    activation or a block output: Grad-CAM's usual choice (the last block of a ResNet, ``features.norm5`` of a
+    DenseNet, the last ReLU of a VGG's or of the book's nets).
 
     Examples
     --------
@@ -53,9 +60,10 @@ def default_layer(model: nn.Module, input_shape) -> Layer:
     'relu4'
     """
     candidates = [layer for layer in layer_table(model, tuple(input_shape))
-                  if layer.kind in ("conv", "relu") and len(layer.output_shape) == 3]
+                  if layer.kind in _MAP_KINDS and len(layer.output_shape) == 3]
     if not candidates:
-        raise ValueError("the model has no convolution or ReLU with a spatial (C, h, w) output")
+        raise ValueError("the model has no convolution, normalisation, activation or block with a spatial "
+                         "(C, h, w) output")
     return candidates[-1]
 
 
@@ -69,27 +77,24 @@ def _layer(model, images, layer) -> Layer:
     return found
 
 
-def _activations(model, images, module, with_grad: bool):
-    """Logits and the module's output; the hook hands a copy on, so a later in-place ReLU cannot touch it.
+def _activations(model, images, layer: Layer, with_grad: bool):
+    """Logits and the layer's output; the tap hands a copy on, so a later in-place ReLU cannot touch it.
     With ``with_grad``, call it inside :func:`vefi._model_state.gradients_on`."""
     store = {}
 
-    def hook(_, inputs, output):
+    def keep(_, output):
         store["a"] = output
         return output.clone()
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with tapped(model, [layer], keep):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.set_grad_enabled(with_grad):
             x = images.detach().clone().requires_grad_(with_grad)
             logits = model(x)
-    finally:
-        handle.remove()
     if "a" not in store:
-        raise ValueError("the chosen layer was not called in the forward pass")
+        raise ValueError(f"layer {layer.label} {layer.name!r} was not called in the forward pass")
     return logits, store["a"]
 
 
@@ -106,8 +111,9 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     model : nn.Module
     images : Tensor (n, C, H, W) or (C, H, W)
     target : None, int or LongTensor (n,)
-    layer : None, int or str
-        Layer number or name (see :func:`vefi.layers.layer_table`); default :func:`default_layer`.
+    layer : None, int, str or Layer
+        Layer number or name (see :func:`vefi.layers.layer_table`): a module's call (``"layer4.1.relu:2"``) or
+        a block (``"layer4"``); default :func:`default_layer`.
     upsample : bool
         Bilinear upsampling to the image's size.
 
@@ -123,7 +129,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     with preserved(model):
         chosen = _layer(model, images, layer)
         with gradients_on(model):
-            logits, a = _activations(model, images, chosen.module, with_grad=True)
+            logits, a = _activations(model, images, chosen, with_grad=True)
             target = resolve_target(target, logits)
             (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
     weights = grad.mean((2, 3), keepdim=True)
@@ -249,7 +255,7 @@ def upsampled_activations(model: nn.Module, images: torch.Tensor, layer, channel
     images = check_images(images, model)
     with preserved(model):
         chosen = _layer(model, images, layer)
-        _, a = _activations(model, images, chosen.module, with_grad=False)
+        _, a = _activations(model, images, chosen, with_grad=False)
     if channel is not None:
         if not 0 <= int(channel) < a.shape[1]:
             raise ValueError(f"channel must lie in [0, {a.shape[1] - 1}] for layer {chosen.name!r}, got {channel}")

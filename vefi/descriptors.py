@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, layer_table, resolve_layer
+from vefi.layers import Layer, check_images, layer_table, resolve_layer, tapped
 
 __all__ = ["Feature", "FeatureIndex", "Descriptors", "DescriptorStream", "default_layers", "descriptors", "synthetic_descriptors"]
 
-_DUPLICATING_KINDS = ("dropout", "flatten")
+_DUPLICATING_KINDS = ("dropout", "flatten", "block")
 
 
 class Feature(NamedTuple):
@@ -158,7 +158,9 @@ def default_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     """The layers whose outputs make the default descriptor.
 
     Every layer before the classifier (the last layer that has parameters, e.g. the final ``fc``; a softmax
-    after it is excluded with it), except dropout and flatten, whose outputs only repeat their input. With
+    after it is excluded with it), except dropout and flatten, whose outputs only repeat their input, and
+    except block outputs (kind ``"block"``: a residual sum, a concatenation of branches), which combine layers
+    already there; name blocks in ``layers`` to have them (``layers=[..., "layer3", "layer4"]``). With
     ``only_conv=True``, only the convolutional part: the layers before the first fully connected one (the
     paper's "OnlyConv" setting of Fig. 4).
 
@@ -169,7 +171,8 @@ def default_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     ['conv1', 'relu1', 'pool1', 'conv2', 'relu2', 'conv3', 'relu3', 'fc1', 'relu4', 'fc2', 'relu5']
     """
     table = layer_table(model, input_shape)
-    with_params = [i for i, layer in enumerate(table) if any(True for _ in layer.module.parameters())]
+    with_params = [i for i, layer in enumerate(table)
+                   if layer.kind != "block" and any(True for _ in layer.module.parameters())]
     if not with_params:
         raise ValueError("cannot find the classifier: the model has no layer with parameters")
     chosen = [layer for layer in table[:with_params[-1]] if layer.kind not in _DUPLICATING_KINDS]
@@ -252,7 +255,7 @@ class DescriptorStream:
         if layers is None:
             chosen = default_layers(model, input_shape)
         else:
-            if isinstance(layers, (int, str, Layer)):
+            if isinstance(layers, (int, str, Layer, nn.Module)):
                 layers = [layers]
             chosen = [resolve_layer(table, key) for key in layers]
             if not chosen:
@@ -273,25 +276,18 @@ class DescriptorStream:
         model, chosen, squared = self.model, self.layers, self.squared
         per_batch: dict[int, torch.Tensor] = {}
 
-        def make_hook(number: int):
-            def hook(module, inputs, output):
-                if number in per_batch:
-                    return  # a module called twice keeps its first call, as in layer_table
-                out = output.detach()
-                # Reduced right here, before any later in-place op (ReLU) can overwrite ``out``.
-                if out.dim() > 2:
-                    flat = out.flatten(2)
-                    value = flat.square().sum(2) if squared else torch.linalg.vector_norm(flat, dim=2)
-                else:
-                    value = out.square() if squared else out.abs()
-                per_batch[number] = value.to(torch.float32)
-            return hook
+        def reduce(layer: Layer, output):
+            out = output.detach()
+            # Reduced right here, before any later in-place op (ReLU) can overwrite ``out``.
+            if out.dim() > 2:
+                flat = out.flatten(2)
+                value = flat.square().sum(2) if squared else torch.linalg.vector_norm(flat, dim=2)
+            else:
+                value = out.square() if squared else out.abs()
+            per_batch[layer.number] = value.to(torch.float32)
 
-        with preserved(model):
-            handles = []
+        with preserved(model), tapped(model, chosen, reduce):
             try:
-                for layer in chosen:
-                    handles.append(layer.module.register_forward_hook(make_hook(layer.number)))
                 model.eval()
                 with torch.no_grad():
                     extra = {} if self.show_progress else {"disable": True}
@@ -303,6 +299,9 @@ class DescriptorStream:
                         images = check_images(images, self.input_shape, model=model, convert=True)
                         per_batch.clear()
                         model(images)
+                        missing = [layer.label for layer in chosen if layer.number not in per_batch]
+                        if missing:
+                            raise RuntimeError(f"layers {missing} were not called in this forward pass")
                         blocks = []
                         for layer in chosen:
                             block = per_batch[layer.number]
@@ -317,8 +316,6 @@ class DescriptorStream:
                                   else torch.as_tensor(batch_labels).reshape(-1).cpu().numpy())
                         yield x.cpu().numpy(), labels
             finally:
-                for h in handles:
-                    h.remove()
                 per_batch.clear()
 
 

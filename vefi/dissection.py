@@ -23,7 +23,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import Layer, layer_table, resolve_layer
+from vefi.layers import Layer, layer_table, resolve_layer, tapped
 
 __all__ = ["Dissection", "dissect", "iou_from_masks", "unit_thresholds", "detectors"]
 
@@ -116,32 +116,21 @@ def _spatial_layer(layers: list[Layer], key) -> Layer:
 def _activations(model, data, index, layers: list[Layer], batch_size, show_progress) -> dict[int, torch.Tensor]:
     """Activation maps (N, K, h, w) of each layer, one forward pass per batch for all layers."""
     captured: dict[int, list[torch.Tensor]] = {layer.number: [] for layer in layers}
-    by_module = {id(layer.module): layer.number for layer in layers}
-    seen = set()
 
-    def hook(module, inputs, output):
-        number = by_module[id(module)]
-        if number not in seen:  # clone: an in-place ReLU after this layer would overwrite its output
-            seen.add(number)
-            captured[number].append(output.detach().float().cpu().clone())
+    def keep(layer, output):  # clone: an in-place ReLU after this layer would overwrite its output
+        captured[layer.number].append(output.detach().float().cpu().clone())
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with preserved(model):
+    with preserved(model), tapped(model, layers, keep):
         model.eval()
-        handles = [layer.module.register_forward_hook(hook) for layer in layers]
-        try:
-            with torch.no_grad():
-                for lo in progress(range(0, len(index), batch_size), desc="dissection: activations",
-                                   disable=not show_progress):
-                    seen.clear()
-                    images = data.batch(index[lo:lo + batch_size]).to(device)
-                    if not torch.isfinite(images).all():
-                        raise ValueError("images contain NaN or Inf values")
-                    model(images)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.no_grad():
+            for lo in progress(range(0, len(index), batch_size), desc="dissection: activations",
+                               disable=not show_progress):
+                images = data.batch(index[lo:lo + batch_size]).to(device)
+                if not torch.isfinite(images).all():
+                    raise ValueError("images contain NaN or Inf values")
+                model(images)
     return {number: torch.cat(chunks) for number, chunks in captured.items()}
 
 

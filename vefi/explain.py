@@ -27,6 +27,8 @@ shorter and the maps of the missing slots are zero (they never win the pixel-wis
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -38,7 +40,7 @@ from torch import nn
 from vefi._model_state import preserved
 from vefi.backproject import backproject, heatmap
 from vefi.descriptors import Feature, descriptors
-from vefi.layers import check_images, check_scores, layer_table
+from vefi.layers import check_images, check_scores, layer_table, tapped
 from vefi.plotting import LAYER_COLOURS, to_display
 from vefi.relevant import model_fingerprint
 from vefi.targets import class_indices
@@ -252,8 +254,8 @@ def check_compatible(model: nn.Module, relevant) -> list:
         raise ValueError(f"the selector's weights have {coef.shape[1]} columns but its index describes "
                          f"{len(relevant.index)} features")
     outputs = table[-1].output_shape
-    if len(outputs) != 1 or coef.shape[0] != len(relevant.classes) or \
-            not all(0 <= c < outputs[0] for c in relevant.classes):
+    # the last layer's output, flattened (squeezenet ends in a pool to (classes, 1, 1) and a torch.flatten)
+    if coef.shape[0] != len(relevant.classes) or not all(0 <= c < math.prod(outputs) for c in relevant.classes):
         raise ValueError(f"the selector has weights for {coef.shape[0]} classes {list(relevant.classes)[:10]} but "
                          f"the model outputs {outputs}")
     other = getattr(relevant, "model", None)
@@ -322,24 +324,16 @@ def upsampled_maps(model: nn.Module, images: torch.Tensor, features: list[list[t
     n, k = len(features), len(features[0])
     H, W = images.shape[-2:]
     numbers = sorted({number for row in features for number, _ in row})
-    modules = {id(table[number - 1].module): number for number in numbers}
     captured: dict[int, torch.Tensor] = {}
 
-    def hook(module, inputs, output):
-        number = modules[id(module)]
-        if number not in captured:
-            captured[number] = output.detach().clone()  # before any in-place ReLU changes it
+    def keep(layer, output):
+        captured[layer.number] = output.detach().clone()  # before any in-place ReLU changes it
 
     maps = torch.zeros(n, k, H, W)
-    with preserved(model):
-        handles = [table[number - 1].module.register_forward_hook(hook) for number in numbers]
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(images)
-        finally:
-            for h in handles:
-                h.remove()
+    with preserved(model), tapped(model, [table[number - 1] for number in numbers], keep):
+        model.eval()
+        with torch.no_grad():
+            model(images)
     for i, row in enumerate(features):
         for j, (number, channel) in enumerate(row):
             act = captured[number][i, channel]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from vefi._model_state import preserved
 from vefi._progress import progress
 from vefi.descriptors import Feature, descriptors
-from vefi.layers import layer_table, resolve_layer
+from vefi.layers import layer_table, resolve_layer, tapped
 from vefi.plotting import LAYER_COLOURS, to_display
 from vefi.receptive import receptive_fields
 
@@ -180,21 +180,14 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
             for number in numbers}
     current: dict[int, torch.Tensor] = {}
 
-    def make_hook(number):
-        def hook(module, inputs, output):
-            if number in current:
-                return
-            out = output.detach()
-            # argmax now, before an in-place ReLU overwrites the map (it does not move a positive peak)
-            current[number] = out.flatten(2).argmax(2) if out.dim() == 4 else torch.zeros(out.shape, dtype=torch.long)
-        return hook
+    def peak_of(layer, output):
+        out = output.detach()
+        # argmax now, before an in-place ReLU overwrites the map (it does not move a positive peak)
+        current[layer.number] = out.flatten(2).argmax(2) if out.dim() == 4 else torch.zeros(out.shape, dtype=torch.long)
 
     param = next(model.parameters(), None)
-    with preserved(model):
-        handles = []
+    with preserved(model), tapped(model, [fields[number].layer for number in numbers], peak_of):
         try:
-            for number in numbers:
-                handles.append(fields[number].layer.module.register_forward_hook(make_hook(number)))
             model.eval()
             with torch.no_grad():
                 starts = range(0, len(union), batch_size)
@@ -207,8 +200,6 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
                     for number in numbers:
                         peak[number][s:s + batch_size] = current[number].cpu().numpy()
         finally:
-            for h in handles:
-                h.remove()
             current.clear()
 
     results = []

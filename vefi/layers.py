@@ -1,25 +1,47 @@
 """One numbering of a model's layers, shared by every chapter and every tool of ``vefi``.
 
-Layers are the *leaf* modules of a model (modules without children), numbered 1..L in the order a
-forward pass calls them. Each gets a short type name (``conv``, ``relu``, ``pool``, ``fc``, ...), so that
-"layer 7 (conv)" means the same thing in the descriptor index, in a heatmap title and in a table.
+A layer is one *call* of a module in a forward pass, numbered 1..L in the order the calls end:
+
+- every call of a leaf module (a module without children: a conv, a ReLU, a pool, ...). A module called
+  several times (ResNet's ``relu``, called two or three times in each block) gives one layer per call,
+  named ``"layer1.0.relu"`` for the first call and ``"layer1.0.relu:2"``, ``"layer1.0.relu:3"`` for the next;
+- the output of a named block (a residual block after its addition, an inception or dense block, a stage,
+  any module with children but the model itself), kind ``"block"``. A block whose output *is* the output of
+  a layer already listed (a ``Sequential`` ending in a ReLU, a ResNet block ending in its second ReLU call) is
+  not listed twice: its name is an alias of that layer (:attr:`Layer.aliases`), so ``"layer4"`` of a ResNet
+  resolves to the last ReLU call of ``layer4.1``.
+
+Each layer gets a short type name (``conv``, ``relu``, ``pool``, ``fc``, ``block``, ...), so that "layer 7
+(conv)" means the same thing in the descriptor index, in a heatmap title and in a table. Functional
+activations (``F.relu`` inside a forward) are not modules and so not layers; the tools that change backward
+rules see them all the same. Every tool that reads or changes a layer's output does it through
+:func:`tapped`, which knows which call of a module a layer is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from vefi._model_state import preserved
 
-__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "check_images", "check_scores", "pair"]
+__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "tapped", "check_images", "check_scores", "pair"]
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv2d, "conv"),
     (nn.Linear, "fc"),
     (nn.ReLU, "relu"),
+    (nn.ReLU6, "relu6"),
+    (nn.LeakyReLU, "leakyrelu"),
+    (nn.Hardswish, "hardswish"),
+    (nn.SiLU, "silu"),
+    (nn.GELU, "gelu"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Hardsigmoid, "hardsigmoid"),
     (nn.MaxPool2d, "pool"),
     (nn.AvgPool2d, "pool"),
     (nn.AdaptiveAvgPool2d, "pool"),
@@ -27,6 +49,8 @@ _KINDS: tuple[tuple[type, str], ...] = (
     (nn.LocalResponseNorm, "lrn"),
     (nn.BatchNorm2d, "bn"),
     (nn.BatchNorm1d, "bn"),
+    (nn.LayerNorm, "ln"),
+    (nn.GroupNorm, "gn"),
     (nn.Dropout, "dropout"),
     (nn.Flatten, "flatten"),
     (nn.Softmax, "softmax"),
@@ -34,7 +58,11 @@ _KINDS: tuple[tuple[type, str], ...] = (
 
 
 def layer_kind(module: nn.Module) -> str:
-    """Short type name of a leaf module: conv, fc, relu, pool, lrn, bn, dropout, flatten, softmax, other."""
+    """Short type name of a module: conv, fc, relu (and relu6, leakyrelu, hardswish, silu, gelu, sigmoid,
+    hardsigmoid), pool, lrn, bn, ln, gn, dropout, flatten, softmax; block for a module with children; else
+    other."""
+    if list(module.children()):
+        return "block"
     for cls, kind in _KINDS:
         if isinstance(module, cls):
             return kind
@@ -43,20 +71,26 @@ def layer_kind(module: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class Layer:
-    """One leaf module of a model, with its place in the forward pass.
+    """One call of a module of a model, with its place in the forward pass.
 
     Attributes
     ----------
     number : int
         Position in the forward pass, from 1.
     name : str
-        Qualified module name, as in ``model.named_modules()``.
+        Qualified module name, as in ``model.named_modules()``, followed by ``":k"`` for the k-th call of a
+        module called several times (``"layer1.0.relu:2"``); the first call has the bare name.
     kind : str
-        Short type name (see :func:`layer_kind`).
+        Short type name (see :func:`layer_kind`); ``"block"`` for the output of a module with children.
     module : torch.nn.Module
         The module itself.
     input_shape, output_shape : tuple of int
         Shapes of one sample (no batch axis) entering and leaving the layer.
+    call : int
+        Which call of ``module`` in a forward pass this layer is, from 1.
+    aliases : tuple of str
+        Names of the blocks whose output is this layer's output (see the module's docstring); they resolve
+        to this layer too.
     """
 
     number: int
@@ -65,6 +99,16 @@ class Layer:
     module: nn.Module
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    call: int = 1
+    aliases: tuple[str, ...] = ()
+    # the blocks named in ``aliases`` (so that a block module resolves to this layer too)
+    alias_modules: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def module_name(self) -> str:
+        """The module's qualified name, without the call suffix (``"layer1.0.relu"`` for
+        ``"layer1.0.relu:2"``)."""
+        return self.name if self.call == 1 else self.name.rsplit(":", 1)[0]
 
     @property
     def channels(self) -> int:
@@ -78,7 +122,7 @@ class Layer:
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[Layer]:
-    """Number the leaf layers of ``model`` in forward order.
+    """Number the layers of ``model``, the calls of its modules (see the module's docstring), in forward order.
 
     Parameters
     ----------
@@ -91,7 +135,8 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None) ->
     Returns
     -------
     list of Layer
-        One entry per leaf module call, numbered from 1. The model is left exactly as it was.
+        One entry per call of a leaf module and per block output that is not already one, numbered from 1 in
+        the order the calls end (a block after its contents). The model is left exactly as it was.
 
     Examples
     --------
@@ -99,6 +144,18 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None) ->
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
     >>> [layer.label for layer in layer_table(net, (1, 28, 28))]
     ['1 conv', '2 relu', '3 flatten', '4 fc']
+
+    A module called twice is two layers; a block ending in a layer is that layer's alias:
+
+    >>> class Twice(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU())
+    ...         self.relu = nn.ReLU()
+    ...     def forward(self, x):
+    ...         return self.relu(self.body(self.relu(x)) + x)
+    >>> [(layer.label, layer.name, layer.aliases) for layer in layer_table(Twice(), (1, 8, 8))]
+    [('1 relu', 'relu', ()), ('2 conv', 'body.0', ()), ('3 relu', 'body.1', ('body',)), ('4 relu', 'relu:2', ())]
     """
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
@@ -107,35 +164,53 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None) ->
                              "'input_shape' attribute to take it from")
     input_shape = tuple(int(s) for s in input_shape)
     names = {id(m): n for n, m in model.named_modules()}
-    leaves = [m for m in model.modules() if not list(m.children())]
-    calls: list[tuple[nn.Module, tuple, tuple]] = []
+    counts: dict[int, int] = {}
+    # (module, call, input shape, output shape, output tensor or None, aliases, its version counter)
+    calls: list[list] = []
+    latest: dict[int, int] = {}  # id(output tensor) -> index in calls of the last call that returned it
 
     def hook(module, inputs, output):
-        if any(m is module for m, _, _ in calls):
-            return  # a module called twice keeps its first place
+        counts[id(module)] = call = counts.get(id(module), 0) + 1
+        is_block = bool(list(module.children()))
+        if is_block and not isinstance(output, torch.Tensor):
+            return  # a block that returns a tuple or dict has no one output to be a layer
+        # the same tensor, not changed in place since (ConvNeXt adds its shortcut in place to the output of
+        # its last leaf): then the block's output is that layer's output
+        if is_block and id(output) in latest and calls[latest[id(output)]][4] is output \
+                and calls[latest[id(output)]][6] == output._version:
+            alias = names[id(module)] + ("" if call == 1 else f":{call}")
+            calls[latest[id(output)]][5].append((alias, module))
+            return
         x = inputs[0] if inputs else None
         shape_in = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else ()
         shape_out = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
-        calls.append((module, shape_in, shape_out))
+        if isinstance(output, torch.Tensor):
+            latest[id(output)] = len(calls)
+        tensor = output if isinstance(output, torch.Tensor) else None
+        calls.append([module, call, shape_in, shape_out, tensor, [], None if tensor is None else tensor._version])
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     with preserved(model):
-        handles = [m.register_forward_hook(hook) for m in leaves]
+        handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
         try:
             model.eval()
-            with torch.no_grad():
+            # out of inference mode (the caller's): its tensors keep no version counter
+            with torch.inference_mode(False), torch.no_grad():
                 model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
         finally:
             for h in handles:
                 h.remove()
-    return [Layer(i + 1, names[id(m)], layer_kind(m), m, s_in, s_out)
-            for i, (m, s_in, s_out) in enumerate(calls)]
+    return [Layer(i + 1, names[id(m)] + ("" if call == 1 else f":{call}"), layer_kind(m), m, s_in, s_out,
+                  call, tuple(a for a, _ in aliases), tuple(b for _, b in aliases))
+            for i, (m, call, s_in, s_out, _, aliases, _) in enumerate(calls)]
 
 
-def resolve_layer(layers: list[Layer], key: int | str | Layer) -> Layer:
-    """Find a layer by number (1-based), qualified name, or the :class:`Layer` itself.
+def resolve_layer(layers: list[Layer], key: int | str | nn.Module | Layer) -> Layer:
+    """Find a layer by number (1-based), name (with its call suffix, ``"relu:2"``, for a later call of a
+    module), the name of a block that is its alias, the module itself (a module called once), or the
+    :class:`Layer` itself.
 
     Raises
     ------
@@ -144,12 +219,67 @@ def resolve_layer(layers: list[Layer], key: int | str | Layer) -> Layer:
     """
     if isinstance(key, Layer):
         key = key.number
+    if isinstance(key, nn.Module):
+        found = [layer for layer in layers if layer.module is key or any(m is key for m in layer.alias_modules)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(f"the module {type(key).__name__} is called {len(found)} times in a forward pass, "
+                             f"each call its own layer: pass one of the names {[layer.name for layer in found]}")
+        raise ValueError(f"the module {type(key).__name__} is not called in a forward pass of this model (or "
+                         "returns no tensor): pass a module of the model, or a layer name of layer_table")
     for layer in layers:
         if (isinstance(key, int) and not isinstance(key, bool) and layer.number == key) or \
-                (isinstance(key, str) and layer.name == key):
+                (isinstance(key, str) and (layer.name == key or key in layer.aliases)):
             return layer
     known = ", ".join(f"{layer.number}={layer.name!r} ({layer.kind})" for layer in layers)
     raise ValueError(f"unknown layer {key!r}; this model has layers {known}")
+
+
+@contextmanager
+def tapped(model: nn.Module, layers: Iterable[Layer],
+           fn: Callable[[Layer, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, every forward pass of ``model`` calls ``fn(layer, output)`` when the call that *is*
+    ``layer`` ends (the k-th call of its module for a layer with ``call == k``); a return value other than
+    None replaces that output, as a forward hook's does.
+
+    The one way vefi reads or changes a layer's output: the calls of a module are counted from the start of
+    each forward pass of ``model``. The hooks are removed on leaving the block, also on an error.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> relu = nn.ReLU()
+    >>> net = nn.Sequential(relu, nn.Identity(), relu)
+    >>> seen = []
+    >>> with tapped(net, layer_table(net, (2,))[2:], lambda layer, out: seen.append(layer.name)):
+    ...     _ = net(torch.zeros(1, 2)); _ = net(torch.zeros(1, 2))
+    >>> seen
+    ['0:2', '0:2']
+    """
+    wanted: dict[int, tuple[nn.Module, dict[int, Layer]]] = {}
+    for layer in layers:
+        wanted.setdefault(id(layer.module), (layer.module, {}))[1][layer.call] = layer
+    counts: dict[int, int] = {}
+
+    def restart(module, inputs):
+        counts.clear()
+
+    def make_hook(key: int, by_call: dict[int, Layer]):
+        def hook(module, inputs, output):
+            counts[key] = call = counts.get(key, 0) + 1
+            layer = by_call.get(call)
+            return None if layer is None else fn(layer, output)
+        return hook
+
+    handles = [model.register_forward_pre_hook(restart)]
+    try:
+        for key, (module, by_call) in wanted.items():
+            handles.append(module.register_forward_hook(make_hook(key, by_call)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _model_placement(model: nn.Module):

@@ -90,14 +90,18 @@ def confusion_figure(confusions: dict[str, np.ndarray], classes: dict[str, Seque
 
 
 def format_layer_table(layers: Sequence[Layer]) -> str:
-    """The layer numbering as a text table: number, type, name, output shape, parameters."""
-    rows = [("#", "type", "name", "output", "params")]
+    """The layer numbering as a text table: number, type, name, output shape, parameters, and the blocks each
+    layer's output is also the output of (when there are any). A later call of a module shows its parameters
+    as "shared" (they are the first call's)."""
+    aliases = any(layer.aliases for layer in layers)
+    rows = [("#", "type", "name", "output", "params") + (("also the output of",) if aliases else ())]
     for layer in layers:
         params = sum(p.numel() for p in layer.module.parameters(recurse=False))
-        rows.append((str(layer.number), layer.kind, layer.name,
-                     "x".join(map(str, layer.output_shape)), f"{params:,}"))
+        rows.append((str(layer.number), layer.kind, layer.name, "x".join(map(str, layer.output_shape)),
+                     f"{params:,}" if layer.call == 1 else "shared")
+                    + ((", ".join(layer.aliases),) if aliases else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i in (0, 4) else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)

@@ -85,7 +85,7 @@ class ReceptiveField:
     Attributes
     ----------
     layer : Layer
-        The layer (its output is what the field describes; a module called several times: its first call).
+        The layer (its output is what the field describes: one call of a module, or a block's output).
     size : tuple of int or None
         Receptive field size in input pixels; ``(H, W)`` of the image when ``whole``; ``None`` when irregular.
     jump : tuple of int or None
@@ -620,16 +620,18 @@ def receptive_fields(model: nn.Module, input_shape: tuple[int, ...] | None = Non
     image = torch.zeros((1, *image_shape), device=device, dtype=dtype)
     trace = _Trace(image)
     names = {id(m): n for n, m in model.named_modules()}
-    leaves = {id(layer.module) for layer in table}
-    seen: dict[int, _Map | None] = {}
+    wanted = {(id(layer.module), layer.call) for layer in table}
+    counts: dict[int, int] = {}
+    seen: dict[tuple[int, int], _Map | None] = {}
 
     def pre_hook(module, inputs):
         trace.modules.append(f"{names.get(id(module), '?')!r} ({type(module).__name__})")
 
     def hook(module, inputs, output):
         trace.modules.pop()
-        if id(module) in leaves and id(module) not in seen:  # a module called twice keeps its first place
-            seen[id(module)] = trace.map_of(output)
+        counts[id(module)] = call = counts.get(id(module), 0) + 1
+        if (id(module), call) in wanted:  # each call of a module is its own layer
+            seen[(id(module), call)] = trace.map_of(output)
 
     with preserved(model):
         handles = []
@@ -644,7 +646,7 @@ def receptive_fields(model: nn.Module, input_shape: tuple[int, ...] | None = Non
             for h in handles:
                 h.remove()
             trace.maps.clear()
-    return {layer.number: _field(layer, seen.get(id(layer.module)), (H, W)) for layer in table}
+    return {layer.number: _field(layer, seen.get((id(layer.module), layer.call)), (H, W)) for layer in table}
 
 
 def _field(layer: Layer, m: _Map | None, image_size) -> ReceptiveField:

@@ -181,18 +181,21 @@ def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, torch
 # Randomising a copy of the model.
 
 def _has_parameters(layer: Layer) -> bool:
-    return any(True for _ in layer.module.parameters(recurse=False))
+    """Owns parameters (a block: has some inside)."""
+    return any(True for _ in layer.module.parameters(recurse=layer.kind == "block"))
 
 
 def parameter_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[Layer]:
-    """The layers (of :func:`vefi.layers.layer_table`) that own parameters, in forward order."""
-    return [layer for layer in layer_table(model, input_shape) if _has_parameters(layer)]
+    """The layers (of :func:`vefi.layers.layer_table`) that own parameters, in forward order: leaf modules
+    only (a block is its parts), each module once (a module called twice has one set of parameters)."""
+    return [layer for layer in layer_table(model, input_shape)
+            if layer.kind != "block" and layer.call == 1 and _has_parameters(layer)]
 
 
 def _randomisable(table: list[Layer], keys) -> list[Layer]:
     """The layers named by ``keys``, each of which must own parameters: randomising a ReLU changes nothing,
     and the test would report a similarity of 1 as if the method passed."""
-    if isinstance(keys, (int, str, Layer)):
+    if isinstance(keys, (int, str, Layer, nn.Module)):
         keys = [keys]
     chosen = [resolve_layer(table, key) for key in keys]
     for layer in chosen:
@@ -206,14 +209,15 @@ def _randomisable(table: list[Layer], keys) -> list[Layer]:
 def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
     """New parameters for one module, drawn as torch's default init draws them for conv and linear layers:
     uniform in +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), for weights and biases alike."""
-    weight = getattr(module, "weight", None)
-    fan_in = weight[0].numel() if isinstance(weight, torch.Tensor) and weight.ndim > 1 else None
-    with torch.no_grad():
-        for name, p in module.named_parameters(recurse=False):
-            fan = fan_in if fan_in is not None else max(1, p.numel() // max(1, p.shape[0] if p.ndim else 1))
-            bound = 1.0 / math.sqrt(fan)
-            new = torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound
-            p.copy_(new.to(p))
+    for part in module.modules():  # a block: every module in it, one after another
+        weight = getattr(part, "weight", None)
+        fan_in = weight[0].numel() if isinstance(weight, torch.Tensor) and weight.ndim > 1 else None
+        with torch.no_grad():
+            for name, p in part.named_parameters(recurse=False):
+                fan = fan_in if fan_in is not None else max(1, p.numel() // max(1, p.shape[0] if p.ndim else 1))
+                bound = 1.0 / math.sqrt(fan)
+                new = torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound
+                p.copy_(new.to(p))
 
 
 def _layer_seed(seed: int, layer: Layer) -> int:
@@ -237,7 +241,7 @@ def randomise_layers(model: nn.Module, layers, *, seed: int = 0,
     clone = copy.deepcopy(model)
     modules = dict(clone.named_modules())
     for layer in chosen:
-        _reinitialise(modules[layer.name], torch.Generator().manual_seed(_layer_seed(seed, layer)))
+        _reinitialise(modules[layer.module_name], torch.Generator().manual_seed(_layer_seed(seed, layer)))
     return clone
 
 
@@ -370,12 +374,12 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, explain: Explain
     for layer in progress(chosen, desc=f"{mode} randomisation"):
         generator = torch.Generator().manual_seed(_layer_seed(seed, layer))
         if mode == "cascading":
-            _reinitialise(modules[layer.name], generator)
+            _reinitialise(modules[layer.module_name], generator)
             names = randomised[-1] + (layer.name,)
             maps.append(run(copy.deepcopy(cascade)))
         else:
             single = copy.deepcopy(model)
-            _reinitialise(dict(single.named_modules())[layer.name], generator)
+            _reinitialise(dict(single.named_modules())[layer.module_name], generator)
             names = (layer.name,)
             maps.append(run(single))
         randomised.append(names)
