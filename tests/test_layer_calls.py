@@ -214,3 +214,20 @@ def test_a_module_is_a_layer_key_when_it_is_called_once():
     a = descriptors(shared, IMAGES, [shared.mix], show_progress=False)
     assert a.index.layers[0].name == "mix"
     assert torch.equal(backproject(shared, IMAGES, [(shared.mix, 1)]), backproject(shared, IMAGES, [("mix", 1)]))
+
+
+def test_token_and_channel_last_layers_are_refused_by_the_descriptor_and_left_out_of_its_default():
+    from torchvision import models
+
+    vit = models.vit_b_16(weights=None, image_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"sequence of tokens.*describe a layer before the image is cut.*conv_proj"):
+        descriptors(vit, x, ["encoder.layers.encoder_layer_0.ln_1"], show_progress=False)
+    assert [layer.name for layer in default_layers(vit, (3, 32, 32))] == ["conv_proj"]
+    convnext = models.convnext_tiny(weights=None).eval()
+    table = layer_table(convnext, (3, 32, 32))
+    inside = resolve_layer(table, "features.1.0.block.3")  # the Linear after the permute: (h, w, C)
+    with pytest.raises(ValueError, match="channel-last.*to describe it would take the wrong thing"):
+        descriptors(convnext, x, [inside], show_progress=False)
+    defaults = default_layers(convnext, (3, 32, 32))
+    assert inside not in defaults and resolve_layer(table, "features.1.0.block.0") in defaults  # its dwconv

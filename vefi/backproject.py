@@ -112,7 +112,8 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, layer_table, pair, resolve_layer, tapped
+from vefi.layers import (Layer, channel_axes, check_channel_first, check_images, layer_table, pair,
+                         resolve_layer, tapped)
 
 __all__ = ["RULES", "POOL_FIXES", "SOURCES", "NonlinearityGuard", "backproject", "conv_backproject",
            "maxpool_backproject", "avgpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
@@ -734,123 +735,6 @@ def _layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
 
 
 
-# Functions that move axes: where the channel axis lands is read off a marker tensor they are applied to.
-_AXIS_MOVERS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
-
-
-class _LayoutMode(TorchFunctionMode):
-    """Follow the channel axis (axis 1 of an image batch) through a forward pass: tensors whose channel axis
-    a permute/transpose moved (ConvNeXt's ``Permute``, a ViT's tokens), and everything computed from them at
-    the same rank, are recorded with the axis it is on now (-1: unknown, after a reshape)."""
-
-    def __init__(self):
-        super().__init__()
-        self.moved: dict[int, tuple[weakref.ref, int]] = {}
-
-    def axis(self, t: torch.Tensor) -> int:
-        """The channel axis of ``t`` in its batch (1 unless moved)."""
-        entry = self.moved.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else 1
-
-    def _first_moved(self, args, kwargs):
-        for t in (*args, *kwargs.values()):
-            for u in (t if isinstance(t, (list, tuple)) else (t,)):
-                if isinstance(u, torch.Tensor) and self.axis(u) != 1:
-                    return u
-        return None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            return out
-        name = getattr(func, "__name__", "")
-        axis = 1
-        if name in _AXIS_MOVERS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
-            before = self.axis(args[0])
-            if before < 0:
-                axis = before
-            else:
-                marker = torch.empty([2 if i == before else 1 for i in range(args[0].dim())])
-                sizes = [i for i, n in enumerate(func(marker, *args[1:], **kwargs).shape) if n == 2]
-                axis = sizes[0] if len(sizes) == 1 else -1
-        else:
-            source = self._first_moved(args, kwargs)
-            if source is not None:
-                before = self.axis(source)
-                if out.dim() == source.dim():
-                    axis = before
-                elif out.dim() == 4 and 0 < before < source.dim() - 2 and out.shape[0] == source.shape[0] \
-                        and out.shape[-2:] == source.shape[-2:]:
-                    # the moved axis merged back into axis 1 with the rows and columns kept: a channel
-                    # shuffle (ShuffleNet's view, transpose, view), whose channels are channels again
-                    axis = 1
-                else:
-                    axis = -1
-        if axis != 1:
-            key = id(out)
-            self.moved[key] = (weakref.ref(out, lambda _, k=key: self.moved.pop(k, None)), axis)
-        return out
-
-
-_AXES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _channel_axes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, int]:
-    """Layer number -> the channel axis of its output in the batch: 1 for channel-first.
-
-    One forward pass of a zero image, remembered as :func:`_layers` remembers the table."""
-    key = (input_shape, tuple((id(m), type(m), m.extra_repr()) for m in model.modules()))
-    cached = _AXES.get(model) if list(model.children()) else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    axes: dict[int, int] = {}
-    mode = _LayoutMode()
-
-    def record(layer, output):
-        if isinstance(output, torch.Tensor):
-            axes[layer.number] = mode.axis(output)
-
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    with preserved(model), tapped(model, _layers(model, input_shape), record):
-        model.eval()
-        with torch.no_grad(), mode:
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
-    if list(model.children()):
-        _AXES[model] = (key, axes)
-    return axes
-
-
-def _check_channel_first(layers: list[Layer], layer: Layer, axes) -> None:
-    """Refuse a seed on a layer whose first axis is not a channel: tokens, or a map whose channels moved."""
-    shape = layer.output_shape
-    if len(shape) == 2:
-        before = [other for other in layers if other.number < layer.number and len(other.output_shape) == 3
-                  and axes().get(other.number, 1) == 1]
-        instead = (f", e.g. layer {before[-1].number} {before[-1].name!r} ({type(before[-1].module).__name__},"
-                   f" output {before[-1].output_shape})" if before else "")
-        raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) has output shape "
-                         f"{shape}, a sequence of tokens (or a 1-D signal), not a channel-first map (C, H, W) "
-                         "nor a vector of units, so no channel of it can be seeded: back-project a layer before "
-                         f"the image is cut into tokens{instead}, or wrap the model so that this layer's output "
-                         "is reshaped to (C, H, W)")
-    if len(shape) == 3 and layer.kind != "conv":
-        axis = axes().get(layer.number, 1)
-        if axis != 1:
-            after = [other for other in layers if other.number > layer.number and len(other.output_shape) == 3
-                     and axes().get(other.number, 1) == 1]
-            where = f"on axis {axis - 1} of {shape}" if axis > 0 else f"lost in a reshape of {shape}"
-            instead = (f", e.g. the next one, layer {after[0].number} {after[0].name!r} "
-                       f"({type(after[0].module).__name__}, output {after[0].output_shape})" if after else "")
-            raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) is channel-last:"
-                             f" the model moved the channel axis (a permute, as in a ConvNeXt block) and its "
-                             f"channels are {where}, so axis 0 is not a channel and a seed on it would "
-                             "back-project the wrong thing: pass a layer whose output is a channel-first map "
-                             f"(C, H, W){instead}")
-
-
 def _resolve_feature(layers: list[Layer], item, axes=lambda: {}) -> _Resolved:
     if not _is_feature(item):
         raise TypeError(f"a feature is (layer, channel) or (layer, channel, (y, x)), got {item!r}")
@@ -859,7 +743,7 @@ def _resolve_feature(layers: list[Layer], item, axes=lambda: {}) -> _Resolved:
     if not isinstance(channel, numbers.Integral) or isinstance(channel, bool):
         raise TypeError(f"channel must be an int, got {channel!r} for layer {layer.label}")
     shape = layer.output_shape
-    _check_channel_first(layers, layer, axes)
+    check_channel_first(layers, layer, axes)
     if len(shape) not in (1, 3):
         raise ValueError(f"layer {layer.label} has output shape {shape}; back-projection needs a map "
                          "(C, H, W) or a vector of units")
@@ -991,7 +875,7 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
 
     def axes() -> dict[int, int]:  # the layout pass runs only when a seeded layer may be channel-last
         if not axes_cache:
-            axes_cache.append(_channel_axes(model, tuple(images.shape[1:])))
+            axes_cache.append(channel_axes(model, tuple(images.shape[1:])))
         return axes_cache[0]
 
     resolved = [[_resolve_feature(layers, item, axes) for item in f] for f in per_image]
@@ -1121,7 +1005,7 @@ def strongest_channels(model: nn.Module, images: torch.Tensor, layers, *, top: i
     table = _layers(model, tuple(images.shape[1:]))
     chosen = [resolve_layer(table, key) for key in layers]
     for layer in chosen:  # a channel-last layer's "channels" would be rows of the map
-        _check_channel_first(table, layer, lambda: _channel_axes(model, tuple(images.shape[1:])))
+        check_channel_first(table, layer, lambda: channel_axes(model, tuple(images.shape[1:])))
     X, index, _ = descriptors(model, images, [layer.number for layer in chosen], show_progress=False)
     out = [[] for _ in range(images.shape[0])]
     for layer in chosen:

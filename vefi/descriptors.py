@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.layers import Layer, check_images, layer_table, resolve_layer, tapped
+from vefi.layers import Layer, channel_axes, check_channel_first, check_images, layer_table, resolve_layer, tapped
 
 __all__ = ["Feature", "FeatureIndex", "Descriptors", "DescriptorStream", "default_layers", "descriptors", "synthetic_descriptors"]
 
@@ -160,7 +160,9 @@ def default_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     Every layer before the classifier (the last layer that has parameters, e.g. the final ``fc``; a softmax
     after it is excluded with it), except dropout and flatten, whose outputs only repeat their input, and
     except block outputs (kind ``"block"``: a residual sum, a concatenation of branches), which combine layers
-    already there; name blocks in ``layers`` to have them (``layers=[..., "layer3", "layer4"]``). With
+    already there; name blocks in ``layers`` to have them (``layers=[..., "layer3", "layer4"]``); and except
+    layers whose first axis is no channel (a transformer's tokens, a ConvNeXt block's channel-last maps),
+    which :func:`descriptors` refuses when they are named. With
     ``only_conv=True``, only the convolutional part: the layers before the first fully connected one (the
     paper's "OnlyConv" setting of Fig. 4).
 
@@ -176,10 +178,39 @@ def default_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     if not with_params:
         raise ValueError("cannot find the classifier: the model has no layer with parameters")
     chosen = [layer for layer in table[:with_params[-1]] if layer.kind not in _DUPLICATING_KINDS]
+    shape = input_shape if input_shape is not None else model.input_shape  # layer_table checked there is one
+    chosen = _describable(model, shape, table, chosen, refuse=False)
     if only_conv:
         first_fc = next((layer.number for layer in chosen if layer.kind == "fc"), None)
         chosen = [layer for layer in chosen if first_fc is None or layer.number < first_fc]
     return chosen
+
+
+def _describable(model: nn.Module, input_shape, table: list[Layer], layers: list[Layer], *,
+                 refuse: bool) -> list[Layer]:
+    """The layers whose first axis is a channel (a map (C, H, W) or a vector of units): a descriptor entry per
+    channel means nothing for a token of a transformer or a row of a channel-last map. With ``refuse``, any
+    other layer is an error that says which layer to take instead; else it is left out."""
+    axes_cache: list[dict[int, int]] = []
+
+    def axes() -> dict[int, int]:
+        if not axes_cache:
+            axes_cache.append(channel_axes(model, tuple(input_shape)))
+        return axes_cache[0]
+
+    kept = []
+    for layer in layers:
+        try:
+            if len(layer.output_shape) not in (1, 2, 3):
+                raise ValueError(f"layer {layer.label} {layer.name!r} has output shape {layer.output_shape}: a "
+                                 "descriptor needs a map (C, H, W) or a vector of units")
+            check_channel_first(table, layer, axes, action="describe")
+        except ValueError:
+            if refuse:
+                raise
+            continue
+        kept.append(layer)
+    return kept
 
 
 def _batches(data, batch_size: int):
@@ -264,7 +295,7 @@ class DescriptorStream:
             if len(set(numbers)) != len(numbers):
                 raise ValueError(f"layers named more than once: "
                                  f"{sorted(n for n in set(numbers) if numbers.count(n) > 1)}")
-            chosen = sorted(chosen, key=lambda layer: layer.number)
+            chosen = sorted(_describable(model, input_shape, table, chosen, refuse=True), key=lambda layer: layer.number)
         self.model, self.data, self.input_shape = model, data, input_shape
         self.layers = chosen
         self.index = FeatureIndex.from_layers(chosen)

@@ -20,16 +20,19 @@ rules see them all the same. Every tool that reads or changes a layer's output d
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import preserved
 
-__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "tapped", "check_images", "check_scores", "pair"]
+__all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "tapped", "channel_axes", "check_channel_first",
+           "check_images", "check_scores", "pair"]
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv2d, "conv"),
@@ -280,6 +283,127 @@ def tapped(model: nn.Module, layers: Iterable[Layer],
     finally:
         for h in handles:
             h.remove()
+
+
+# Functions that move axes: where the channel axis lands is read off a marker tensor they are applied to.
+_AXIS_MOVERS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
+
+
+class _LayoutMode(TorchFunctionMode):
+    """Follow the channel axis (axis 1 of an image batch) through a forward pass: tensors whose channel axis
+    a permute/transpose moved (ConvNeXt's ``Permute``, a ViT's tokens), and everything computed from them at
+    the same rank, are recorded with the axis it is on now (-1: unknown, after a reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moved: dict[int, tuple[weakref.ref, int]] = {}
+
+    def axis(self, t: torch.Tensor) -> int:
+        """The channel axis of ``t`` in its batch (1 unless moved)."""
+        entry = self.moved.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else 1
+
+    def _first_moved(self, args, kwargs):
+        for t in (*args, *kwargs.values()):
+            for u in (t if isinstance(t, (list, tuple)) else (t,)):
+                if isinstance(u, torch.Tensor) and self.axis(u) != 1:
+                    return u
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        name = getattr(func, "__name__", "")
+        axis = 1
+        if name in _AXIS_MOVERS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+            before = self.axis(args[0])
+            if before < 0:
+                axis = before
+            else:
+                marker = torch.empty([2 if i == before else 1 for i in range(args[0].dim())])
+                sizes = [i for i, n in enumerate(func(marker, *args[1:], **kwargs).shape) if n == 2]
+                axis = sizes[0] if len(sizes) == 1 else -1
+        else:
+            source = self._first_moved(args, kwargs)
+            if source is not None:
+                before = self.axis(source)
+                if out.dim() == source.dim():
+                    axis = before
+                elif out.dim() == 4 and 0 < before < source.dim() - 2 and out.shape[0] == source.shape[0] \
+                        and out.shape[-2:] == source.shape[-2:]:
+                    # the moved axis merged back into axis 1 with the rows and columns kept: a channel
+                    # shuffle (ShuffleNet's view, transpose, view), whose channels are channels again
+                    axis = 1
+                else:
+                    axis = -1
+        if axis != 1:
+            key = id(out)
+            self.moved[key] = (weakref.ref(out, lambda _, k=key: self.moved.pop(k, None)), axis)
+        return out
+
+
+_AXES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def channel_axes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, int]:
+    """Layer number -> the axis of its output batch that holds the channels: 1 for channel-first, another
+    axis after a permute (ConvNeXt's channel-last blocks), -1 when a reshape lost it.
+
+    One forward pass of a zero image, remembered per model while its modules and the input shape stay the
+    same."""
+    key = (input_shape, tuple((id(m), type(m), m.extra_repr()) for m in model.modules()))
+    cached = _AXES.get(model) if list(model.children()) else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    axes: dict[int, int] = {}
+    mode = _LayoutMode()
+
+    def record(layer, output):
+        if isinstance(output, torch.Tensor):
+            axes[layer.number] = mode.axis(output)
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    with preserved(model), tapped(model, layer_table(model, input_shape), record):
+        model.eval()
+        with torch.no_grad(), mode:
+            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    if list(model.children()):
+        _AXES[model] = (key, axes)
+    return axes
+
+
+def check_channel_first(layers: list[Layer], layer: Layer, axes, action: str = "back-project") -> None:
+    """Refuse a layer whose first axis is not a channel, where a tool needs channels: tokens, or a map whose
+    channels moved. ``axes`` is a callable returning :func:`channel_axes` (called only when needed);
+    ``action`` names what the tool does, for the message."""
+    shape = layer.output_shape
+    if len(shape) == 2:
+        before = [other for other in layers if other.number < layer.number and len(other.output_shape) == 3
+                  and axes().get(other.number, 1) == 1]
+        instead = (f", e.g. layer {before[-1].number} {before[-1].name!r} ({type(before[-1].module).__name__},"
+                   f" output {before[-1].output_shape})" if before else "")
+        raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) has output shape "
+                         f"{shape}, a sequence of tokens (or a 1-D signal), not a channel-first map (C, H, W) "
+                         f"nor a vector of units, so its first axis is no channel: {action} a layer before "
+                         f"the image is cut into tokens{instead}, or wrap the model so that this layer's output "
+                         "is reshaped to (C, H, W)")
+    if len(shape) == 3 and layer.kind != "conv":
+        axis = axes().get(layer.number, 1)
+        if axis != 1:
+            after = [other for other in layers if other.number > layer.number and len(other.output_shape) == 3
+                     and axes().get(other.number, 1) == 1]
+            where = f"on axis {axis - 1} of {shape}" if axis > 0 else f"lost in a reshape of {shape}"
+            instead = (f", e.g. the next one, layer {after[0].number} {after[0].name!r} "
+                       f"({type(after[0].module).__name__}, output {after[0].output_shape})" if after else "")
+            raise ValueError(f"layer {layer.label} {layer.name!r} ({type(layer.module).__name__}) is channel-last:"
+                             f" the model moved the channel axis (a permute, as in a ConvNeXt block) and its "
+                             f"channels are {where}, so axis 0 is not a channel and to {action} it would "
+                             "take the wrong thing: pass a layer whose output is a channel-first map "
+                             f"(C, H, W){instead}")
 
 
 def _model_placement(model: nn.Module):
