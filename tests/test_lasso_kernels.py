@@ -106,11 +106,15 @@ def test_same_verdict_and_answers_under_every_kernel(kernel, reference):
         assert np.all(np.abs(np.array(p["objective"]) - np.array(ref["objective"])) <= tol), p["name"]
     # Did it really switch? threadpoolctl reports the kernel in use for every OpenBLAS loaded (numpy's and
     # scipy's). A build without that kernel falls back to another one (the answers above were still checked).
+    # Which kernel a build falls back to depends on the build and the processor (on an AVX-512 machine,
+    # Cooperlake may fall back to the default SkylakeX), so a fallback is a skip that says what ran; that the
+    # switch itself works is required once, for Nehalem, which every DYNAMIC_ARCH x86-64 build has.
     used = {a.lower() for a in got["architectures"]}
     if used != {kernel.lower()}:
-        assert used != {a.lower() for a in reference["architectures"]}, f"{kernel}: still the default kernel"
-        pytest.skip(f"this OpenBLAS build has no {kernel} kernel: it ran {got['architectures']} instead "
-                    "(answers checked under that kernel)")
+        assert kernel != "Nehalem", f"OPENBLAS_CORETYPE=Nehalem ran {got['architectures']}: the switch failed"
+        default = used == {a.lower() for a in reference["architectures"]}
+        pytest.skip(f"this OpenBLAS build has no {kernel} kernel: it ran {got['architectures']} instead"
+                    + (" (the default kernel here)" if default else "") + " (answers checked under that kernel)")
 
 
 def test_the_reference_interpreter_converges_everywhere(reference):

@@ -621,6 +621,34 @@ def gram_statistics(model, data=None, layers=None, *, labels=None, classes=None,
     return _dense_gram(source, batch_size, group.min_int(_budget(max_memory)), group), source.index
 
 
+#: Above this many features the dense Gram update runs its BLAS call on one thread: the threaded ``dsyrk`` of
+#: scipy's OpenBLAS (0.3.30, 32-bit integers) writes out of bounds from m = 26,000 (a segmentation fault,
+#: measured here with 64 rows and 2 threads; 24,000 passed, and one thread passed at 34,000).
+SYRK_THREADED_MAX = 16384
+
+
+def _add_outer(Q: np.ndarray, X: np.ndarray) -> None:
+    """Add ``X^T X`` to the lower triangle of the C-ordered (m, m) float64 matrix ``Q``, in place, with no m x m
+    temporary (``Q.T`` is a Fortran view: ``dsyrk`` updates its upper triangle). The upper triangle is left
+    as it was: mirror it once when done. Above :data:`SYRK_THREADED_MAX` features the call is
+    single-threaded, to keep clear of an OpenBLAS threading fault.
+
+    Examples
+    --------
+    >>> Q, X = np.zeros((3, 3)), np.arange(6.0).reshape(2, 3)
+    >>> _add_outer(Q, X)
+    >>> bool(np.allclose(np.tril(Q), np.tril(X.T @ X)))
+    True
+    """
+    if Q.shape[0] <= SYRK_THREADED_MAX:
+        dsyrk(1.0, X.T, beta=1.0, c=Q.T, trans=0, lower=0, overwrite_c=1)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        dsyrk(1.0, X.T, beta=1.0, c=Q.T, trans=0, lower=0, overwrite_c=1)
+
+
 def _dense_gram(source: _Source, batch_size: int, budget: int, group: "_Group") -> GramAccumulator:
     targets = _Targets(source)
     m = source.m
@@ -632,9 +660,7 @@ def _dense_gram(source: _Source, batch_size: int, budget: int, group: "_Group") 
     sums = _ClassSums(m, targets)
 
     def add(X, cols):
-        # Q.T is a Fortran view of Q: dsyrk adds X^T X to its upper triangle (Q's lower) in place, with no
-        # m x m temporary; the other triangle is mirrored once at the end.
-        dsyrk(1.0, X.T, beta=1.0, c=Q.T, trans=0, lower=0, overwrite_c=1)
+        _add_outer(Q, X)
         sums.add(X, cols)
 
     n = group.run(lambda: _one_pass(source, targets, add, "Gram pair"))
