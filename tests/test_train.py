@@ -96,3 +96,70 @@ def test_architectures_have_what_later_chapters_need(name):
     assert kinds.count("fc") >= 3  # two hidden fully connected layers and the classifier
     assert [layer.number for layer in layers] == list(range(1, len(layers) + 1))
     assert layers[-1].output_shape == (len(build_model(name).classes),)
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_data(fake_fashion):
+    from vefi.book.data import load_dataset
+
+    data = load_dataset("fashion-mnist", "train")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 3))
+    bn = model[1]
+    with torch.no_grad():  # statistics far from the data's, as after a short schedule
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    assert training.recalibrate_batchnorm(model, data, batch_size=len(data)) == 1
+    with torch.no_grad():
+        z = model[0](data.batch(slice(None)))
+    # slow reference: the statistics BatchNorm normalises with in training mode, over all the images at once
+    expected_mean = z.mean(dim=(0, 2, 3))
+    expected_var = z.var(dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(bn.running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bn.running_var, expected_var, rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.01 and not model.training and not any(m.training for m in model.modules())
+    # eval mode now normalises as training mode did
+    with torch.no_grad():
+        out_eval = model[1](z)
+        model[1].train()
+        out_train = model[1](z)
+        model[1].eval()
+    assert torch.allclose(out_eval, out_train, atol=1e-4)
+
+
+def test_recalibrate_batchnorm_leaves_a_model_without_batchnorm_alone(fake_fashion):
+    from vefi.book.data import load_dataset
+
+    torch.manual_seed(0)
+    model = build_model("fashion-mnist")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert training.recalibrate_batchnorm(model, load_dataset("fashion-mnist", "train")) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_set_takes_the_first_images_of_each_class(fake_fashion, monkeypatch):
+    from dataclasses import replace
+
+    from vefi.book.data import load_dataset
+
+    full = load_dataset("fashion-mnist", "train")
+    monkeypatch.setitem(training.HYPERPARAMS, "fashion-mnist",
+                        replace(training.HYPERPARAMS["fashion-mnist"], per_class=2))
+    subset = training.training_set("fashion-mnist")
+    labels = full.labels.numpy()
+    rows = np.sort(np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)]))
+    assert torch.equal(subset.labels, full.labels[rows]) and torch.equal(subset.images, full.images[rows])
+    assert np.bincount(subset.labels.numpy(), minlength=10).tolist() == [
+        min(2, int((labels == c).sum())) for c in range(10)]
+
+
+def test_torchvision_architectures_build_with_the_datasets_classes():
+    model = build_model("an8flower-double", "mobilenet_v3_small")
+    assert model.classifier[-1].out_features == 12 and model.input_shape == (3, 112, 112)
+    assert model(torch.rand(2, 3, 112, 112)).shape == (2, 12)
+    with pytest.raises(ValueError, match="unknown architecture 'resnet9'.*mobilenet_v3_small"):
+        build_model("an8flower-single", "resnet9")
+    with pytest.raises(ValueError, match="3 channels.*fashion-mnist has 1"):
+        build_model("fashion-mnist", "mobilenet_v3_small")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        training.training_set("an8flower-single", "resnet9")

@@ -14,7 +14,12 @@ from torch import nn
 
 from vefi.book.data import dataset_info
 
-__all__ = ["VefiNet", "build_model", "small_cnn", "vggf_like"]
+__all__ = ["VefiNet", "ARCHITECTURES", "build_model", "small_cnn", "vggf_like"]
+
+#: Torchvision classifiers the book also trains on its datasets (chapter 15, "Your own network"), besides its
+#: own nets; any name of ``torchvision.models.list_models()`` would build, these have a training schedule in
+#: :data:`vefi.book.train.ARCHITECTURE_HYPERPARAMS`.
+ARCHITECTURES = ("mobilenet_v3_small",)
 
 
 class VefiNet(nn.Sequential):
@@ -83,12 +88,34 @@ def vggf_like(num_classes: int, in_channels: int = 3) -> OrderedDict:
     ])
 
 
-def build_model(dataset: str) -> VefiNet:
+def build_model(dataset: str, architecture: str | None = None) -> nn.Module:
     """A freshly initialised (untrained) net for ``dataset``; see :data:`vefi.book.data.DATASETS`.
 
+    ``architecture`` None builds the book's own net for the dataset (a :class:`VefiNet`); a name of
+    :data:`ARCHITECTURES` builds that torchvision classifier, unchanged but for its number of outputs, with
+    ``input_shape`` and ``classes`` attributes added as the book's nets have them.
+
     Initialisation follows ``torch``'s global generator: seed it first for a reproducible net.
+
+    Examples
+    --------
+    >>> model = build_model("an8flower-single", "mobilenet_v3_small")
+    >>> type(model).__name__, model.classifier[-1].out_features, model.input_shape
+    ('MobileNetV3', 6, (3, 112, 112))
     """
     info = dataset_info(dataset)
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; the book trains {', '.join(ARCHITECTURES)} "
+                             f"(or None, the book's own net for the dataset)")
+        import torchvision
+
+        if info.shape[0] != 3:
+            raise ValueError(f"{architecture} takes colour images (3 channels) and {dataset} has {info.shape[0]}: "
+                             f"use an an8Flower dataset, or the book's own net (architecture=None)")
+        model = torchvision.models.get_model(architecture, weights=None, num_classes=len(info.classes))
+        model.input_shape, model.classes = tuple(info.shape), list(info.classes)
+        return model
     if info.shape[1] == 112:
         layers = vggf_like(len(info.classes), info.shape[0])
     else:
