@@ -17,8 +17,7 @@ from vefi.book.data import dataset_info
 __all__ = ["VefiNet", "ARCHITECTURES", "build_model", "small_cnn", "vggf_like"]
 
 #: Torchvision classifiers the book also trains on its datasets (chapter 15, "Your own network"), besides its
-#: own nets; any name of ``torchvision.models.list_models()`` would build, these have a training schedule in
-#: :data:`vefi.book.train.ARCHITECTURE_HYPERPARAMS`.
+#: own nets; each has a training schedule in :data:`vefi.book.train.ARCHITECTURE_HYPERPARAMS`.
 ARCHITECTURES = ("mobilenet_v3_small",)
 
 
