@@ -104,3 +104,36 @@ def test_bad_input():
         explanation_view("cifar")
     with pytest.raises(ValueError, match="out of range"):
         explanation_view("mnist", 10 ** 7)
+
+
+def test_precomputed_explorer_draws_every_state_of_its_grid(monkeypatch):
+    """One explanation_view per state, the runner-up being the network's second class for that image; the
+    states differ where the explanations do."""
+    import torch
+
+    calls = []
+    real = explorer_module.explanation_view
+
+    def recorded(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(explorer_module, "explanation_view", recorded)
+    ex = explorer_module.precomputed_explorer("mnist", images=[0], ks=[1, 3], mus=[5.0, 10.0], dpi=30)
+    assert list(ex.controls) == ["image", "class", "k", "mu"] and len(ex) == len(calls) == 8
+    assert ex.initial == {"image": 0, "class": "predicted", "k": 3, "mu": 10.0}
+    with torch.no_grad():
+        second = int(explorer_module._model("mnist")(explorer_module._test_set("mnist").batch([0]))
+                     .topk(2, dim=1).indices[0, 1])
+    assert {c[2] for c in calls} == {None, second}
+    assert sorted(calls, key=str) == sorted([("mnist", 0, t, k, mu) for t in (None, second) for k in (1, 3)
+                                             for mu in (5.0, 10.0)], key=str)
+    assert ex.png(k=1) != ex.png(k=3) and ex.png(**{"class": "runner-up"}) != ex.png()
+    assert "https://" not in ex._repr_html_()
+
+
+def test_precomputed_explorer_bad_input():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        explorer_module.precomputed_explorer("cifar")
+    with pytest.raises(ValueError, match="a target is 'predicted', 'runner-up' or a class index"):
+        explorer_module.precomputed_explorer("mnist", targets=["second"])

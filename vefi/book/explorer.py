@@ -1,8 +1,9 @@
 """An interactive explorer of explanations: choose the network, the image, the class, k and mu, and look.
 
-:func:`explanation_view` draws one state (what the static book shows); :func:`explorer` wraps it in
-ipywidgets controls that redraw on every change. Models, relevant features and test sets are loaded once
-and kept for the session.
+:func:`explanation_view` draws one state; :func:`explorer` wraps it in ipywidgets controls that redraw on
+every change (with a kernel); :func:`precomputed_explorer` renders it over a finite grid of states once, as
+an :class:`vefi.plotting.OfflineExplorer` whose controls work in the static page. Models, relevant features
+and test sets are loaded once and kept for the session.
 
 A redraw that fails is never hidden: its traceback replaces the figure in the widget, and the exception
 goes on to the caller (the notebook cell that builds the explorer, or the change of a control).
@@ -16,13 +17,15 @@ import traceback
 from functools import lru_cache
 
 import matplotlib.pyplot as plt
+import torch
 
 from vefi.book.data import load_dataset
 from vefi.book.relevant import DEFAULT_MU, relevant_features
 from vefi.book.train import pretrained
 from vefi.explain import explain
+from vefi.plotting import OfflineExplorer, offline_explorer
 
-__all__ = ["DATASETS", "MUS", "explanation_view", "explorer"]
+__all__ = ["DATASETS", "MUS", "explanation_view", "explorer", "precomputed_explorer"]
 
 DATASETS = ("mnist", "fashion-mnist", "an8flower-single", "an8flower-double")
 MUS = (1.0, 2.0, 5.0, 10.0, 20.0)
@@ -130,6 +133,72 @@ def explorer(dataset: str = "mnist", index: int = 0, k: int = 3, mu: float = DEF
         w.observe(redraw, "value")
     redraw()
     return widgets.VBox([widgets.HBox([w_dataset, w_index, w_class]), widgets.HBox([w_k, w_mu]), out])
+
+
+def precomputed_explorer(dataset: str = "mnist", images=(0, 1, 2, 3), targets=("predicted", "runner-up"),
+                         ks=(1, 2, 3, 4, 5), mus=MUS, *, dpi: float = 60) -> OfflineExplorer:
+    """:func:`explanation_view` of one network over every combination of test image, class explained, k and
+    mu, rendered once: an explorer whose controls work in a static page, with no kernel.
+
+    Parameters
+    ----------
+    dataset : str
+        The network (one of :data:`DATASETS`): one per explorer, to keep the page light.
+    images : sequence of int
+        Test image indices.
+    targets : sequence
+        The classes explained: ``"predicted"``, ``"runner-up"`` (the class the network ranks second for
+        that image), or a class index.
+    ks, mus : sequence
+        Numbers of features shown and budgets mu (each mu's selection is fitted, or read from the cache).
+    dpi : float
+        Resolution of each state's PNG; the page carries ``len(images) * len(targets) * len(ks) * len(mus)``
+        of them (see the result's ``nbytes``).
+
+    Raises
+    ------
+    ValueError
+        Unknown dataset, a target that is none of the above, or a grid of more states than
+        :func:`vefi.plotting.offline_explorer` allows.
+    RuntimeError
+        A state whose drawing failed (named in the message).
+
+    Examples
+    --------
+    >>> ex = precomputed_explorer("mnist", images=[0], ks=[3])  # doctest: +SKIP
+    >>> len(ex), list(ex.controls)  # doctest: +SKIP
+    (10, ['image', 'class', 'k', 'mu'])
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    data = _test_set(dataset)
+    for target in targets:
+        if target not in ("predicted", "runner-up") and not (isinstance(target, int)
+                                                             and 0 <= target < len(data.classes)):
+            raise ValueError(f"a target is 'predicted', 'runner-up' or a class index below "
+                             f"{len(data.classes)}, got {target!r}")
+    runner_up = {}
+
+    def class_of(index, target):
+        if target == "predicted":
+            return None
+        if target == "runner-up":
+            if index not in runner_up:
+                with torch.no_grad():
+                    scores = _model(dataset)(data.batch([int(index)]))
+                runner_up[index] = int(scores.topk(2, dim=1).indices[0, 1])
+            return runner_up[index]
+        return target
+
+    def render(**state):
+        return explanation_view(dataset, state["image"], class_of(state["image"], state["class"]),
+                                state["k"], state["mu"])
+
+    initial = {"k": 3 if 3 in ks else ks[0], "mu": DEFAULT_MU if DEFAULT_MU in mus else mus[0]}
+    return offline_explorer(render, {"image": list(images), "class": list(targets), "k": list(ks),
+                                     "mu": [float(mu) for mu in mus]},
+                            initial=initial, dpi=dpi, desc=f"explanations of {dataset}",
+                            alt=f"Explanation of a {dataset} test image by its most relevant features")
 
 
 def figure_output(fig) -> dict:
