@@ -51,7 +51,12 @@ Every function of the library uses these words in one sense:
   and `vefi.heatmaps.normalise` is the one min-max normalisation (a constant map becomes zero).
 - **data**: an image tensor with `labels=`, a `Dataset` of `(image, label)` items, a `DataLoader`, or any
   iterable of `(images, labels)` batches; streamed batch by batch.
-- **batch_size**: images per forward (or backward) pass.
+- **batch_size**: the inputs the network sees in one forward (or backward) pass: images, or the copies a
+  method makes of them (occluded or perturbed images; one row per image and feature, or image and layer, in
+  back-projection), so that it bounds memory whatever the method. A DataLoader keeps its own batches; where
+  no network runs (`ArrayStream`, `GramAccumulator.from_data`) it counts descriptor rows, one per image.
+  Calling a method on many images a chunk at a time is `images_per_call`
+  (`vefi.localisation.method_heatmaps`).
 - **show_progress**: progress bars, on by default; `VEFI_PROGRESS=off` turns every one off.
 """
 

@@ -89,11 +89,11 @@ def test_method_heatmaps_chunks_random_control_seeded():
     torch.manual_seed(0)
     net = build_model("mnist")
     x = torch.rand(5, 1, 28, 28)
-    a = method_heatmaps("random", net, x, batch_size=2, seed=1)
-    b = method_heatmaps("random", net, x, batch_size=2, seed=1)
-    c = method_heatmaps("random", net, x, batch_size=2, seed=2)
+    a = method_heatmaps("random", net, x, images_per_call=2, seed=1)
+    b = method_heatmaps("random", net, x, images_per_call=2, seed=1)
+    c = method_heatmaps("random", net, x, images_per_call=2, seed=2)
     assert a.shape == (5, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[2])  # chunks draw differently
-    g = method_heatmaps("gradient", net, x, target=torch.arange(5), batch_size=2)
+    g = method_heatmaps("gradient", net, x, target=torch.arange(5), images_per_call=2)
     from vefi.heatmaps import compute
     torch.testing.assert_close(g, compute("gradient", net, x, torch.arange(5)))

@@ -813,7 +813,7 @@ def backproject(model: nn.Module, images: torch.Tensor, features, *, rule: str =
         unit's activation). ``"unit"``: seed 1 at one unit, the given ``(y, x)`` or else, per image, the
         position of the channel's largest response.
     batch_size : int, optional
-        Rows (image x feature) per backward pass; default all at once.
+        Inputs per backward pass, one per image and feature (a row); default all at once.
 
     Returns
     -------

@@ -212,6 +212,7 @@ def confidence_drop(model: nn.Module, images: torch.Tensor, occluded: torch.Tens
         ``r`` occluded versions of every image, version-major (all images of draw 0, then draw 1, ...).
     target : None or LongTensor (n,)
     batch_size : int
+        Inputs (intact or occluded images) per forward pass.
 
     Returns
     -------

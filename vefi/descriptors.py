@@ -375,7 +375,7 @@ def descriptors(model: nn.Module, data, layers: Iterable[int | str | Layer] | No
     l2_normalize : bool
         L2-normalise each whole descriptor after concatenation (the demo does this at test time).
     batch_size : int
-        Batch size when ``data`` is a tensor, array or Dataset.
+        Images per forward pass when ``data`` is a tensor, array or Dataset (a DataLoader keeps its own).
     input_shape : tuple of int, optional
         Shape of one image, for models without an ``input_shape`` attribute.
     show_progress : bool

@@ -153,7 +153,7 @@ def dissect(model: nn.Module, data, layers, *, quantile: float = 0.995, index=No
     index : array-like of int, optional
         The images to use (default all).
     batch_size : int
-        Images per batch for the forward pass and for the upsampling.
+        Images per forward pass (and per upsampling).
 
     Returns
     -------

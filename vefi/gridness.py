@@ -189,7 +189,7 @@ def layer_grid_energy(model, images: torch.Tensor, layers, period, *, margin: in
     period, margin
         As for :func:`grid_energy`.
     batch_size : int
-        Rows (image x layer) per backward pass.
+        Inputs per backward pass, one per image and layer (a row).
     **options
         ``rule``, ``stride_fix``, ``pool_fix`` for :func:`vefi.backproject.backproject`.
 

@@ -124,6 +124,7 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
     top : int
         How many images per feature (at most the number of images).
     batch_size : int
+        Images per forward pass (a DataLoader keeps its own).
     input_shape : tuple of int, optional
         Shape of one image; default ``model.input_shape`` or the data's.
     show_progress : bool

@@ -121,26 +121,28 @@ def area_under_curve(curve, thresholds: Sequence[float] = THRESHOLDS) -> float:
     return float(np.sum((curve[1:] + curve[:-1]) * np.diff(t)) / 2)
 
 
-def method_heatmaps(method: str, model, images: torch.Tensor, target=None, *, batch_size: int = 50,
+def method_heatmaps(method: str, model, images: torch.Tensor, target=None, *, images_per_call: int = 50,
                     desc: str | None = None, **options) -> torch.Tensor:
-    """:func:`vefi.heatmaps.compute` over a large set of images, in chunks of ``batch_size`` (bounded memory).
+    """:func:`vefi.heatmaps.compute` over a large set of images, ``images_per_call`` images at a time (bounded
+    memory). ``options`` go to the method, ``batch_size`` among them (inputs per pass, as everywhere: the
+    method's occluded or perturbed copies count); ``images_per_call`` is the number of images of one call.
 
     Examples
     --------
     >>> from vefi.book.models import build_model
     >>> _ = torch.manual_seed(0)
-    >>> method_heatmaps("random", build_model("mnist"), torch.rand(5, 1, 28, 28), batch_size=2).shape
+    >>> method_heatmaps("random", build_model("mnist"), torch.rand(5, 1, 28, 28), images_per_call=2).shape
     torch.Size([5, 28, 28])
     """
     from vefi.heatmaps import compute
 
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(images_per_call) < 1:
+        raise ValueError(f"images_per_call must be >= 1, got {images_per_call}")
     n = images.shape[0]
     target_all = None if target is None else torch.as_tensor(target).reshape(-1)
     chunks = []
-    for start in progress(range(0, n, int(batch_size)), desc=desc or method):
-        stop = min(n, start + int(batch_size))
+    for start in progress(range(0, n, int(images_per_call)), desc=desc or method):
+        stop = min(n, start + int(images_per_call))
         t = None if target_all is None else (target_all if target_all.numel() == 1 else target_all[start:stop])
         opts = dict(options)
         if method == "random":  # a different draw per chunk, still seeded

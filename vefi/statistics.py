@@ -170,6 +170,7 @@ class ArrayStream:
     y : array_like of shape (N,), optional
         Labels; without them the stream yields None and a fit refuses it.
     batch_size : int
+        Descriptor rows (images) per batch.
     index : FeatureIndex, optional
         What the columns are; default one block of m columns (layer 1, named ``"descriptor"``).
 
@@ -581,7 +582,7 @@ def gram_statistics(model, data=None, layers=None, *, labels=None, classes=None,
         label must be one of them. Default: the model's output units ``0..C-1`` (C = its number of outputs;
         for a stream without model, ``0..max label``). Every class needs an example.
     batch_size : int
-        Batch size for a tensor or Dataset.
+        Images per forward pass for a tensor or Dataset (a DataLoader keeps its own).
     input_shape : tuple of int, optional
         Shape of one image, when the model has no ``input_shape`` attribute (default: read off the data).
     show_progress : bool
