@@ -83,7 +83,7 @@ def test_an_uncertified_selection_warns_with_the_network_name(fake_fashion, monk
 
     real = vefi.selection.solve_mu_lasso
     monkeypatch.setattr(vefi.selection, "solve_mu_lasso", lambda *a, **k: real(*a, **{**k, "max_iter": 1}))
-    with pytest.warns(ConvergenceWarning, match=r"'fashion-mnist' at mu=2 \(All\) are not certified.*max_iter") \
+    with pytest.warns(ConvergenceWarning, match=r"fashion-mnist, All at mu=2 are not certified.*max_iter") \
             as record:
         rel = relevant_features("fashion-mnist", mu=2, model=fake_fashion)
     assert len(record) == 1 and not rel.selector.converged_ and rel.selector.status_ == "max_iter"

@@ -163,3 +163,25 @@ def test_torchvision_architectures_build_with_the_datasets_classes():
         build_model("fashion-mnist", "mobilenet_v3_small")
     with pytest.raises(ValueError, match="unknown architecture"):
         training.training_set("an8flower-single", "resnet9")
+
+
+def test_the_authors_mnist_network_is_matconvnets_example():
+    from vefi.book.relevant import conv_part
+    from vefi.descriptors import default_layers
+
+    model = build_model("fashion-mnist", "matconvnet-mnist")
+    table = layer_table(model)
+    assert [(layer.name, layer.output_shape) for layer in table] == [
+        ("conv1", (20, 24, 24)), ("pool1", (20, 12, 12)), ("conv2", (50, 8, 8)), ("pool2", (50, 4, 4)),
+        ("conv3", (500, 1, 1)), ("relu1", (500, 1, 1)), ("conv4", (10, 1, 1)), ("flatten", (10,))]
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10) and model.classes == build_model("fashion-mnist").classes
+    # the demo's layers 2-7 of MatConvNet (the outputs of layers 1-6): every output but the classifier's
+    assert [layer.name for layer in default_layers(model)] == ["conv1", "pool1", "conv2", "pool2", "conv3", "relu1"]
+    # OnlyConv stops where the maps end; on the book's own nets it is what default_layers says
+    assert [layer.name for layer in conv_part(model)] == ["conv1", "pool1", "conv2", "pool2"]
+    for name in ("mnist", "an8flower-single"):
+        book_net = build_model(name)
+        assert conv_part(book_net) == default_layers(book_net, only_conv=True)
+    with pytest.raises(ValueError, match="28x28 grayscale.*an8flower-single"):
+        build_model("an8flower-single", "matconvnet-mnist")
+    assert training.training_set("fashion-mnist", "matconvnet-mnist") is not None

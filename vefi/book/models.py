@@ -4,6 +4,9 @@ Every net has at least one strided convolution, at least one strided max-pool an
 layers, so that the stride fix (chapter 4) and fully connected features (chapter 3) both matter. The
 an8Flower net follows VGG-F (Chatfield et al. 2014) in spirit: a large 11x11 stride-4 first convolution, local
 response normalisation, three max-pools, two hidden fully connected layers; narrower, for 2 CPU cores.
+
+Beside them, the authors' kind of MNIST network (:func:`matconvnet_mnist`, architecture ``"matconvnet-mnist"``)
+and one torchvision classifier (chapter 15).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from torch import nn
 
 from vefi.book.data import dataset_info
 
-__all__ = ["VefiNet", "ARCHITECTURES", "build_model", "small_cnn", "vggf_like"]
+__all__ = ["VefiNet", "ARCHITECTURES", "build_model", "matconvnet_mnist", "small_cnn", "vggf_like"]
 
-#: Torchvision classifiers the book also trains on its datasets (chapter 15, "Your own network"), besides its
-#: own nets; each has a training schedule in :data:`vefi.book.train.ARCHITECTURE_HYPERPARAMS`.
-ARCHITECTURES = ("mobilenet_v3_small",)
+#: Other architectures the book trains on its datasets, besides its own net per dataset: the authors' kind of
+#: MNIST network (:func:`matconvnet_mnist`, chapter 10) and a torchvision classifier (chapter 15, "Your own
+#: network"). Each has a training schedule in :data:`vefi.book.train.ARCHITECTURE_HYPERPARAMS`.
+ARCHITECTURES = ("matconvnet-mnist", "mobilenet_v3_small")
 
 
 class VefiNet(nn.Sequential):
@@ -87,12 +91,36 @@ def vggf_like(num_classes: int, in_channels: int = 3) -> OrderedDict:
     ])
 
 
+def matconvnet_mnist(in_channels: int = 1, num_classes: int = 10) -> OrderedDict:
+    """Layers of the authors' kind of MNIST network, MatConvNet's MNIST example (28x28 -> 24 -> 12 -> 8 -> 4 ->
+    1): the network whose layer range 2-7 the authors' released demo explains. MatConvNet's ``res(i + 1)``
+    holds the output of layer ``i``, so the range is the outputs of ``conv1`` to ``relu1``, every output but
+    the classifier's and the softmax's.
+
+    conv 5x5x20, max-pool 2/2, conv 5x5x50, max-pool 2/2, conv 4x4x500, ReLU, conv 1x1x10, all without padding.
+    MatConvNet writes the two fully connected layers as convolutions: ``conv3``'s 4x4 kernel covers its whole
+    4x4 input and gives one position, ``conv4`` is the classifier; ``flatten`` turns its 1x1 map into the
+    logits. The strides are the max-pools' only: the stride fix (chapter 4) acts on them.
+    """
+    return OrderedDict([
+        ("conv1", nn.Conv2d(in_channels, 20, 5)),
+        ("pool1", nn.MaxPool2d(2, stride=2)),
+        ("conv2", nn.Conv2d(20, 50, 5)),
+        ("pool2", nn.MaxPool2d(2, stride=2)),
+        ("conv3", nn.Conv2d(50, 500, 4)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(500, num_classes, 1)),
+        ("flatten", nn.Flatten()),
+    ])
+
+
 def build_model(dataset: str, architecture: str | None = None) -> nn.Module:
     """A freshly initialised (untrained) net for ``dataset``; see :data:`vefi.book.data.DATASETS`.
 
-    ``architecture`` None builds the book's own net for the dataset (a :class:`VefiNet`); a name of
-    :data:`ARCHITECTURES` builds that torchvision classifier, unchanged but for its number of outputs, with
-    ``input_shape`` and ``classes`` attributes added as the book's nets have them.
+    ``architecture`` None builds the book's own net for the dataset (a :class:`VefiNet`); ``"matconvnet-mnist"``
+    the authors' kind of MNIST network (a :class:`VefiNet` of :func:`matconvnet_mnist`, for 28x28 grayscale
+    datasets); another name of :data:`ARCHITECTURES` builds that torchvision classifier, unchanged but for its
+    number of outputs, with ``input_shape`` and ``classes`` attributes added as the book's nets have them.
 
     Initialisation follows ``torch``'s global generator: seed it first for a reproducible net.
 
@@ -101,8 +129,15 @@ def build_model(dataset: str, architecture: str | None = None) -> nn.Module:
     >>> model = build_model("an8flower-single", "mobilenet_v3_small")
     >>> type(model).__name__, model.classifier[-1].out_features, model.input_shape
     ('MobileNetV3', 6, (3, 112, 112))
+    >>> [name for name, _ in build_model("mnist", "matconvnet-mnist").named_children()]
+    ['conv1', 'pool1', 'conv2', 'pool2', 'conv3', 'relu1', 'conv4', 'flatten']
     """
     info = dataset_info(dataset)
+    if architecture == "matconvnet-mnist":
+        if tuple(info.shape) != (1, 28, 28):
+            raise ValueError(f"matconvnet-mnist takes 28x28 grayscale images and {dataset} has shape {info.shape}: "
+                             f"use mnist or fashion-mnist, or the book's own net (architecture=None)")
+        return VefiNet(matconvnet_mnist(1, len(info.classes)), info.shape, info.classes)
     if architecture is not None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; the book trains {', '.join(ARCHITECTURES)} "

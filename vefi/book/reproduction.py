@@ -15,6 +15,7 @@ Also here, the two claims the chapters do not measure on their own: MNIST featur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from vefi.explain import Explanation, background_ratio, explain
 from vefi.interpret import average_images
 from vefi.saliency import sensitivity
 
-__all__ = ["Claim", "GAP_PAIRS", "agreement", "bootstrap_mean", "claims_table", "gap_support",
-           "interpretation_purity", "network_seeds", "paired_bootstrap"]
+__all__ = ["Claim", "GAP_PAIRS", "ablation_claims", "agreement", "bootstrap_mean", "claims_table", "gap_support",
+           "interpretation_purity", "interval", "markdown_table", "network_seeds", "paired_bootstrap"]
 
 #: The paper's examples of features that support gaps (Fig. 6): "for class 2 how it speaks against 0 and for 6
 #: how it goes against 4".
@@ -115,6 +116,55 @@ class Claim:
     @property
     def reproduced(self) -> bool:
         return bool(self.holds) and all(self.holds)
+
+
+def interval(mean: float, low: float, high: float, digits: int = 3) -> str:
+    """A value with its interval, signed: ``"+0.012 [+0.004, +0.020]"``.
+
+    Examples
+    --------
+    >>> interval(-0.0123, -0.02, -0.004)
+    '-0.012 [-0.020, -0.004]'
+    """
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def ablation_claims(label: str, results: Sequence, paper_counts: str) -> list[Claim]:
+    """Claims 1-3 of Sec. 4.1 (chapter 10) on the networks of ``results``, one
+    :func:`vefi.book.studies.ablation_study` result per network, under the rules chapter 10 states first:
+
+    1. few features are relevant: both selections keep fewer than 10% of their candidates;
+    2. ablating the selected features hurts more than random ones of the same layers, for All and for OnlyConv
+       separately: at most 5% of the random draws leave an accuracy as low;
+    3. All hurts more than OnlyConv: the paired 95% bootstrap interval over the test images of (accuracy with
+       All ablated) minus (with OnlyConv ablated) lies below zero.
+
+    ``label`` names the network in the claims' text; ``paper_counts`` is the paper's count shown beside ours.
+    """
+    if not results:
+        raise ValueError("no networks measured")
+    few = Claim("4.1", f"{label}: few features selected at mu={results[0].mu:g} (All / OnlyConv)",
+                "fewer than 10% of candidates", paper_counts)
+    for r in results:
+        few.add(f"{r.n_all} of {r.candidates_all} / {r.n_onlyconv} of {r.candidates_onlyconv}",
+                r.n_all < 0.1 * r.candidates_all and r.n_onlyconv < 0.1 * r.candidates_onlyconv)
+    claims = [few]
+    for part in ("All", "OnlyConv"):
+        c = Claim("4.1", f"{label}: ablating the selected ({part}) hurts more than random",
+                  "at most 5% of the random draws as low", "selected < random (Fig. 4, bars)")
+        for r in results:
+            value, draws = (r.all, r.random_all) if part == "All" else (r.onlyconv, r.random_onlyconv)
+            share = r.random_share_below(part.lower())
+            c.add(f"{value:.3f} vs random {np.median(draws):.3f} (median of {len(draws)}; {share:.0%} as low)",
+                  share <= 0.05)
+        claims.append(c)
+    c = Claim("4.1", f"{label}: All hurts more than OnlyConv", "paired 95% interval of All - OnlyConv below 0",
+              "All < OnlyConv (Fig. 4)")
+    for r in results:
+        diff = r.bootstrap_difference(1, 2)
+        c.add(f"{r.all:.3f} vs {r.onlyconv:.3f}: {interval(*diff)}", diff[2] < 0)
+    claims.append(c)
+    return claims
 
 
 def _gap_ratio(images: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
@@ -212,15 +262,30 @@ def network_seeds() -> tuple[int, ...]:
     return NETWORK_SEEDS[:1] if quick_mode() else NETWORK_SEEDS
 
 
-def claims_table(claims: list[Claim]) -> str:
-    """The claims as a Markdown table: section, claim, rule, paper, what each network measured, verdict."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table (the book renders it as an HTML table); ``|`` and newlines in cells are escaped.
+
+    Examples
+    --------
+    >>> print(markdown_table(["a", "b"], [[1, "x|y"]]))
+    | a | b |
+    |---|---|
+    | 1 | x\\|y |
+    """
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| section | claim | rule (fixed before the numbers) | paper | ours, per network | verdict |",
-             "|---|---|---|---|---|---|"]
-    for c in claims:
-        ours = "; ".join(f"#{i}: {v}" for i, v in enumerate(c.values))
-        verdict = c.verdict + (f" ({c.why})" if c.why else "")
-        lines.append("| " + " | ".join(cell(x) for x in (c.section, c.text, c.rule, c.paper, ours, verdict)) + " |")
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells and the header {len(header)}: {row!r}")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def claims_table(claims: list[Claim]) -> str:
+    """The claims as a Markdown table: section, claim, rule, paper, what each network measured, verdict."""
+    rows = [(c.section, c.text, c.rule, c.paper, "; ".join(f"#{i}: {v}" for i, v in enumerate(c.values)),
+             c.verdict + (f" ({c.why})" if c.why else "")) for c in claims]
+    return markdown_table(["section", "claim", "rule (fixed before the numbers)", "paper", "ours, per network",
+                           "verdict"], rows)

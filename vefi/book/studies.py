@@ -24,9 +24,9 @@ from vefi.book.data import load_dataset
 from vefi.boxocclusion import box_masks, confidence_drop, occlude
 from vefi.localisation import THRESHOLDS, area_under_curve, iou_curve, method_heatmaps
 
-__all__ = ["BOOK_DRAWS", "BOOK_IMAGES", "PAPER_DROP_DIFFERENCE", "PAPER_FEATURE_COUNTS", "PAPER_MEAN_IOU", "AblationResult",
-           "LocalisationResult", "OcclusionResult", "ablation_study", "book_images", "book_options",
-           "box_occlusion_study", "localisation_study"]
+__all__ = ["BOOK_DRAWS", "BOOK_IMAGES", "PAPER_DROP_DIFFERENCE", "PAPER_FEATURE_COUNTS", "PAPER_MEAN_IOU",
+           "AblationCurve", "AblationResult", "LocalisationResult", "OcclusionResult", "ablation_curve",
+           "ablation_study", "book_images", "book_options", "box_occlusion_study", "localisation_study"]
 
 
 
@@ -95,6 +95,15 @@ def book_options(method: str, name: str) -> dict:
     return {}
 
 
+def _test_subset(name: str, study: str, n_images, seed: int):
+    """The test set of ``name`` and the seeded subset of it a study measures on: ``n_images`` rows ("book":
+    :func:`book_images` for ``study``; None: all)."""
+    data = load_dataset(name, "test")
+    if n_images == "book":
+        n_images = book_images(name, study)
+    return data, subsample(len(data), n_images, seed)
+
+
 def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -115,16 +124,14 @@ class AblationResult:
         Test images measured on.
     n_all, n_onlyconv : int
         Features selected from every layer / from the convolutional part.
+    candidates_all, candidates_onlyconv : int
+        Features they were selected from (the descriptor's length, All / OnlyConv).
     original : float
         The intact network.
     all, onlyconv : float
         The selected features ablated.
     random_all, random_onlyconv : numpy.ndarray, shape (n_random,)
         As many random features from the same layers, one value per seeded draw.
-    curve_k : numpy.ndarray of int
-        Numbers of ablated features along the curve (the strongest ``k`` of "All").
-    curve_selected : numpy.ndarray, shape (len(curve_k),)
-    curve_random : numpy.ndarray, shape (len(curve_k), n_random)
     counts_all, counts_onlyconv : dict
         Selected features per layer (``"7 conv"`` -> count).
     labels : numpy.ndarray of int, shape (n_images,)
@@ -150,14 +157,13 @@ class AblationResult:
     onlyconv: float
     random_all: np.ndarray
     random_onlyconv: np.ndarray
-    curve_k: np.ndarray
-    curve_selected: np.ndarray
-    curve_random: np.ndarray
     labels: np.ndarray
     predicted: np.ndarray
     network: int = 0
     counts_all: dict = field(default_factory=dict)
     counts_onlyconv: dict = field(default_factory=dict)
+    candidates_all: int = 0
+    candidates_onlyconv: int = 0
     seconds: float = 0.0
     cached: bool = False
 
@@ -194,16 +200,15 @@ def _curve_points(n_features: int, n_points: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], inner, [n_features]]))
 
 
-def ablation_study(name: str, *, mu: float = 10.0, network: int = 0, n_images: int | str | None = "book",
-                   n_random: int | str = "book", curve_points: int = 7, curve_random: int = 5, seed: int = 0,
-                   max_rows: int = 4096, use_cache: bool = True) -> AblationResult:
+def ablation_study(name: str, *, mu: float = 10.0, network: int = 0, architecture: str | None = None,
+                   squared: bool = False, n_images: int | str | None = "book", n_random: int | str = "book",
+                   seed: int = 0, max_rows: int = 4096, use_cache: bool = True) -> AblationResult:
     """The paper's ablation (Fig. 4) for the book's network of dataset ``name``, cached on disk.
 
     Measures the mean class accuracy on (a seeded subset of) the test set of: the intact network; the
     network with the mu-Lasso features of every layer ablated ("All") and of the convolutional part only
-    ("OnlyConv"); and ``n_random`` seeded draws of as many random features from the same layers. Also a curve:
-    the strongest ``k`` features of "All" (by :func:`feature_strength`) ablated, for several ``k``, beside
-    random features from the same layers as those ``k``.
+    ("OnlyConv"); and ``n_random`` seeded draws of as many random features from the same layers. The curve of
+    accuracy against the number of ablated features is :func:`ablation_curve`.
 
     Parameters
     ----------
@@ -215,14 +220,14 @@ def ablation_study(name: str, *, mu: float = 10.0, network: int = 0, n_images: i
         Test images to measure on (a seeded random subset); "book" (default): :func:`book_images`; None: all.
     network : int
         Seed of the book's trained network (:data:`vefi.book.train.NETWORK_SEEDS`).
+    architecture : str, optional
+        Another architecture of :data:`vefi.book.models.ARCHITECTURES` (default the book's net for ``name``).
+    squared : bool
+        Select on the authors' demo's descriptor (squared L2 norms) instead of the paper's.
     n_random : int or "book"
         Random draws per random control (seeds ``seed, seed + 1, ...``): enough to place the selected ablation
         as a percentile of the random distribution. "book" (default): :data:`BOOK_DRAWS` (30; fewer in quick
         mode, which only checks that the pages run).
-    curve_points : int
-        About how many numbers of features along the curve.
-    curve_random : int
-        Random draws per point of the curve.
     seed : int
         Seeds the test subset and the random draws.
     max_rows : int
@@ -235,26 +240,21 @@ def ablation_study(name: str, *, mu: float = 10.0, network: int = 0, n_images: i
     >>> result = ablation_study("mnist", n_images=2000)  # doctest: +SKIP
     >>> result.original, result.all, result.random_all.mean()  # doctest: +SKIP
     """
-    import time
-
     from vefi.relevant import model_fingerprint
     from vefi.book.relevant import relevant_features
 
     if n_random == "book":
         n_random = BOOK_DRAWS[1 if quick_mode() else 0]
-    if int(n_random) < 1 or int(curve_random) < 1:
-        raise ValueError(f"n_random and curve_random must be >= 1, got {n_random} and {curve_random}")
-    rel_all = relevant_features(name, mu, network=network)
-    rel_conv = relevant_features(name, mu, only_conv=True, network=network)
+    if int(n_random) < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    rel_all = relevant_features(name, mu, network=network, architecture=architecture, squared=squared)
+    rel_conv = relevant_features(name, mu, only_conv=True, network=network, architecture=architecture,
+                                 squared=squared)
     model = rel_all.model
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "ablation")
-    idx = subsample(len(data), n_images, seed)
+    data, idx = _test_subset(name, "ablation", n_images, seed)
     params = {"what": "ablation", "dataset": name, "model": model_fingerprint(model),
-              "code": code_hash("vefi.book.studies"), "mu": float(mu), "n_test": len(data), "n_images": len(idx),
-              "n_random": int(n_random), "curve_points": int(curve_points), "curve_random": int(curve_random),
-              "seed": int(seed)}
+              "code": code_hash("vefi.book.studies"), "squared": bool(squared), "mu": float(mu),
+              "n_test": len(data), "n_images": len(idx), "n_random": int(n_random), "seed": int(seed)}
     path = data_dir() / "results" / f"ablation-{name}-{_key(params)}.npz"
     counts_all = rel_all.index.count_per_layer(rel_all.selector.get_support())
     counts_conv = rel_conv.index.count_per_layer(rel_conv.selector.get_support())
@@ -262,49 +262,118 @@ def ablation_study(name: str, *, mu: float = 10.0, network: int = 0, n_images: i
     scalar = (np.float64, ())
     spec = {"n_all": (np.int64, ()), "n_onlyconv": (np.int64, ()), "original": scalar, "all": scalar,
             "onlyconv": scalar, "random_all": (np.float64, (int(n_random),)),
-            "random_onlyconv": (np.float64, (int(n_random),)), "curve_k": (np.int64, ("k",)),
-            "curve_selected": (np.float64, ("k",)), "curve_random": (np.float64, ("k", int(curve_random))),
-            "labels": (np.int64, (n,)), "predicted": (np.int64, (3, n)), "seconds": scalar}
+            "random_onlyconv": (np.float64, (int(n_random),)), "labels": (np.int64, (n,)),
+            "predicted": (np.int64, (3, n)), "seconds": scalar}
     stored = load_arrays(path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
     if stored is not None:
         return AblationResult(name, float(mu), n, int(stored["n_all"]), int(stored["n_onlyconv"]),
                               float(stored["original"]), float(stored["all"]), float(stored["onlyconv"]),
-                              stored["random_all"], stored["random_onlyconv"], stored["curve_k"],
-                              stored["curve_selected"], stored["curve_random"], stored["labels"],
-                              stored["predicted"], int(network), counts_all, counts_conv, float(stored["seconds"]),
-                              True)
+                              stored["random_all"], stored["random_onlyconv"], stored["labels"],
+                              stored["predicted"], int(network), counts_all, counts_conv, len(rel_all.index),
+                              len(rel_conv.index), float(stored["seconds"]), True)
 
     start = time.perf_counter()
     sel_all, sel_conv = rel_all.features, rel_conv.features
-    strength = feature_strength(rel_all.selector.coef_)
-    support = np.flatnonzero(rel_all.selector.get_support())
-    ordered = [rel_all.index[j] for j in support[np.argsort(-strength[support], kind="stable")]]
-    ks = _curve_points(len(ordered), curve_points)
     seeds = [int(seed) + r for r in range(int(n_random))]
-    curve_seeds = seeds[:int(curve_random)] + [int(seed) + r for r in range(int(n_random), int(curve_random))]
     configs = [[], sel_all, sel_conv]
     configs += [random_like(sel_all, rel_all.index, s) for s in seeds]
     configs += [random_like(sel_conv, rel_conv.index, s) for s in seeds]
-    for k in ks:
-        configs.append(ordered[:k])
-        configs += [random_like(ordered[:k], rel_all.index, 1000 * (int(k) + 1) + s) for s in curve_seeds]
     labels = data.labels[idx].numpy().astype(np.int64)
     acc, predicted = ablation_accuracy(model, data.batch(torch.from_numpy(idx)), labels, configs,
                                        n_classes=len(data.classes), max_rows=max_rows, desc=f"ablation {name}",
                                        return_predictions=True)
-    r, rc = len(seeds), len(curve_seeds)
+    r = len(seeds)
     random_all, random_conv = acc[3:3 + r], acc[3 + r:3 + 2 * r]
-    curve = acc[3 + 2 * r:].reshape(len(ks), 1 + rc)
     seconds = time.perf_counter() - start
     arrays = dict(n_all=np.array(len(sel_all)), n_onlyconv=np.array(len(sel_conv)), original=np.array(acc[0]),
                   all=np.array(acc[1]), onlyconv=np.array(acc[2]), random_all=random_all,
-                  random_onlyconv=random_conv, curve_k=ks.astype(np.int64), curve_selected=curve[:, 0],
-                  curve_random=curve[:, 1:], labels=labels, predicted=predicted[:3], seconds=np.array(seconds))
+                  random_onlyconv=random_conv, labels=labels, predicted=predicted[:3], seconds=np.array(seconds))
     if use_cache:
         save_arrays(path, **arrays)
     return AblationResult(name, float(mu), n, len(sel_all), len(sel_conv), float(acc[0]), float(acc[1]),
-                          float(acc[2]), random_all, random_conv, ks, curve[:, 0], curve[:, 1:], labels,
-                          predicted[:3], int(network), counts_all, counts_conv, seconds, False)
+                          float(acc[2]), random_all, random_conv, labels, predicted[:3], int(network), counts_all,
+                          counts_conv, len(rel_all.index), len(rel_conv.index), seconds, False)
+
+
+@dataclass
+class AblationCurve:
+    """Mean class accuracy against the number of ablated features (what :func:`ablation_curve` returns).
+
+    Attributes
+    ----------
+    dataset : str
+    mu : float
+    n_images : int
+    k : numpy.ndarray of int
+        Numbers of ablated features: the strongest ``k`` of the All selection.
+    selected : numpy.ndarray, shape (len(k),)
+        With the strongest ``k`` selected features ablated.
+    random : numpy.ndarray, shape (len(k), n_random)
+        With as many random features from the same layers as those ``k``, one column per draw.
+    seconds : float
+    cached : bool
+    """
+
+    dataset: str
+    mu: float
+    n_images: int
+    k: np.ndarray
+    selected: np.ndarray
+    random: np.ndarray
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def ablation_curve(name: str, *, mu: float = 10.0, network: int = 0, n_images: int | str | None = "book",
+                   n_points: int = 7, n_random: int = 5, seed: int = 0, max_rows: int = 4096,
+                   use_cache: bool = True) -> AblationCurve:
+    """The strongest ``k`` features of the All selection (by :func:`feature_strength`) ablated, for about
+    ``n_points`` values of ``k`` from 0 to all of them, beside ``n_random`` draws of random features from the
+    same layers as those ``k``; on the test images of :func:`ablation_study`, cached on disk the same way.
+
+    Examples
+    --------
+    >>> curve = ablation_curve("mnist")  # doctest: +SKIP
+    >>> curve.k, curve.selected  # doctest: +SKIP
+    """
+    from vefi.book.relevant import relevant_features
+    from vefi.relevant import model_fingerprint
+
+    if int(n_random) < 1 or int(n_points) < 1:
+        raise ValueError(f"n_points and n_random must be >= 1, got {n_points} and {n_random}")
+    rel = relevant_features(name, mu, network=network)
+    model = rel.model
+    data, idx = _test_subset(name, "ablation", n_images, seed)
+    params = {"what": "ablation-curve", "dataset": name, "model": model_fingerprint(model),
+              "code": code_hash("vefi.book.studies"), "mu": float(mu), "n_test": len(data), "n_images": len(idx),
+              "n_points": int(n_points), "n_random": int(n_random), "seed": int(seed)}
+    path = data_dir() / "results" / f"ablation-curve-{name}-{_key(params)}.npz"
+    spec = {"k": (np.int64, ("k",)), "selected": (np.float64, ("k",)),
+            "random": (np.float64, ("k", int(n_random))), "seconds": (np.float64, ())}
+    stored = load_arrays(path, lambda arrays: check_arrays(arrays, spec)) if use_cache else None
+    if stored is not None:
+        return AblationCurve(name, float(mu), len(idx), stored["k"], stored["selected"], stored["random"],
+                             float(stored["seconds"]), True)
+    start = time.perf_counter()
+    strength = feature_strength(rel.selector.coef_)
+    support = np.flatnonzero(rel.selector.get_support())
+    ordered = [rel.index[j] for j in support[np.argsort(-strength[support], kind="stable")]]
+    ks = _curve_points(len(ordered), n_points)
+    configs = []
+    for k in ks:
+        configs.append(ordered[:k])
+        configs += [random_like(ordered[:k], rel.index, 1000 * (int(k) + 1) + int(seed) + r)
+                    for r in range(int(n_random))]
+    labels = data.labels[idx].numpy().astype(np.int64)
+    acc = ablation_accuracy(model, data.batch(torch.from_numpy(idx)), labels, configs,
+                            n_classes=len(data.classes), max_rows=max_rows, desc=f"ablation curve {name}")
+    curve = np.asarray(acc).reshape(len(ks), 1 + int(n_random))
+    seconds = time.perf_counter() - start
+    if use_cache:
+        save_arrays(path, k=ks.astype(np.int64), selected=curve[:, 0], random=curve[:, 1:],
+                    seconds=np.array(seconds))
+    return AblationCurve(name, float(mu), len(idx), ks.astype(np.int64), curve[:, 0], curve[:, 1:], seconds,
+                         False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -385,13 +454,13 @@ class _Study:
     path: object
     network: int = 0
 
-    def heatmaps(self, name: str, method: str, mu: float, images, target, batch_size: int):
+    def heatmaps(self, name: str, method: str, mu: float, images, target, images_per_call: int):
         from vefi.book.relevant import relevant_features
 
         options = dict(self.options)
         if self.uses_mu:
             options["relevant"] = relevant_features(name, mu, network=self.network)
-        return method_heatmaps(method, self.model, images, target, batch_size=batch_size,
+        return method_heatmaps(method, self.model, images, target, images_per_call=images_per_call,
                                desc=f"{method} {name}", **options)
 
 
@@ -404,10 +473,7 @@ def _study(what: str, prefix: str, name: str, method: str, mu: float, n_images, 
 
     options = {**book_options(method, name), **options}
     model = pretrained(name, network)
-    data = load_dataset(name, "test")
-    if n_images == "book":
-        n_images = book_images(name, "heatmaps")
-    idx = subsample(len(data), n_images, seed)
+    data, idx = _test_subset(name, "heatmaps", n_images, seed)
     uses_mu = method in _NEEDS_RELEVANT
     if method == "random":
         options.setdefault("seed", seed)
@@ -421,7 +487,7 @@ def _study(what: str, prefix: str, name: str, method: str, mu: float, n_images, 
 
 
 def localisation_study(name: str, method: str, *, mu: float = 10.0, network: int = 0,
-                       n_images: int | str | None = "book", seed: int = 0, target: str = "label", thresholds: Sequence[float] = THRESHOLDS, batch_size: int = 50,
+                       n_images: int | str | None = "book", seed: int = 0, target: str = "label", thresholds: Sequence[float] = THRESHOLDS, images_per_call: int = 50,
                        use_cache: bool = True, **options) -> LocalisationResult:
     """IoU curves of ``method``'s heatmaps with the discriminative-part masks of an8Flower's test set, cached.
 
@@ -442,7 +508,7 @@ def localisation_study(name: str, method: str, *, mu: float = 10.0, network: int
     target : {"label", "predicted"}
         Explain the true class (whose discriminative part the mask is; default) or the predicted one.
     thresholds : sequence of float
-    batch_size : int
+    images_per_call : int
         Images per heatmap call.
     use_cache : bool
         Read and write ``data/results`` (keyed by the model's weights and every parameter).
@@ -476,7 +542,7 @@ def localisation_study(name: str, method: str, *, mu: float = 10.0, network: int
     rows = torch.from_numpy(idx)
     images, masks = study.data.batch(rows), study.data.masks[rows]
     labels = study.data.labels[rows] if target == "label" else None
-    h = study.heatmaps(name, method, mu, images, labels, batch_size)
+    h = study.heatmaps(name, method, mu, images, labels, images_per_call)
     iou = iou_curve(h, masks, thresholds)
     seconds = time.perf_counter() - start
     if use_cache:
@@ -526,7 +592,7 @@ class OcclusionResult:
 def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, network: int = 0,
                         n_images: int | str | None = "book",
                         n_draws: int = 3, coverage: float = 0.3, box: int | None = None, baseline="mean",
-                        seed: int = 0, batch_size: int = 50, use_cache: bool = True, **options
+                        seed: int = 0, images_per_call: int = 50, use_cache: bool = True, **options
                         ) -> OcclusionResult:
     """Mean confidence drop when boxes sampled from ``method``'s heatmaps occlude ``coverage`` of each image.
 
@@ -549,7 +615,7 @@ def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, network: in
     coverage, box, baseline
         See :func:`box_masks` and :func:`occlude`.
     seed : int
-    batch_size : int
+    images_per_call : int
         Images per heatmap call.
 
     Examples
@@ -572,7 +638,7 @@ def box_occlusion_study(name: str, method: str, *, mu: float = 10.0, network: in
     start = time.perf_counter()
     images = study.data.batch(torch.from_numpy(idx))
     model = study.model
-    h = study.heatmaps(name, method, mu, images, None, batch_size)
+    h = study.heatmaps(name, method, mu, images, None, images_per_call)
     masks = torch.cat([box_masks(h, coverage=coverage, box=box, seed=seed * 7919 + r) for r in range(n_draws)])
     occluded = occlude(images.repeat(n_draws, 1, 1, 1), masks, baseline)
     confidence, drop = confidence_drop(model, images, occluded)
