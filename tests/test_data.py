@@ -247,3 +247,32 @@ def test_missing_real_data_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="make data"):
         skip_unless_fetched("MNIST is missing")
+
+
+def test_a_split_read_twice_is_read_once_and_never_shared(tmp_data, monkeypatch):
+    """The second load of a split comes from this process's copy of the file; what one caller changes in its
+    images, masks or labels, the next load does not see; a replaced file is read again."""
+    import vefi.book.data as data_module
+    import torch
+
+    monkeypatch.setenv("VEFI_QUICK", "1")
+    reads = []
+    monkeypatch.setattr(data_module, "load_arrays", lambda path, check=None: reads.append(path) or
+                        load_arrays(path, check))
+    first = data.load_dataset("an8flower-single", "test")  # generated, written, not yet read
+    second = data.load_dataset("an8flower-single", "test")
+    third = data.load_dataset("an8flower-single", "test")
+    assert len(reads) == 2  # the first load found no file; the second read it; the third read nothing
+    assert torch.equal(second.images, first.images) and torch.equal(second.parts, first.parts)
+    assert torch.equal(second.masks, first.masks) and second.parts.dtype == torch.bool
+    second.images[0] = 0
+    second.masks[0] = True
+    second.labels[0] = 5
+    assert torch.equal(third.images, first.images) and torch.equal(third.masks, first.masks)
+    assert torch.equal(data.load_dataset("an8flower-single", "test").labels, first.labels)
+    path = reads[-1]
+    payload = path.read_bytes()
+    path.unlink()
+    path.write_bytes(payload)  # another file (another inode), the same content
+    data.load_dataset("an8flower-single", "test")
+    assert len(reads) == 3

@@ -97,3 +97,19 @@ def test_method_heatmaps_chunks_random_control_seeded():
     g = method_heatmaps("gradient", net, x, target=torch.arange(5), images_per_call=2)
     from vefi.heatmaps import compute
     torch.testing.assert_close(g, compute("gradient", net, x, torch.arange(5)))
+
+
+def test_method_heatmaps_checks_the_target_once_with_the_shared_rules():
+    from vefi.book.models import build_model
+    from vefi.heatmaps import compute
+
+    torch.manual_seed(0)
+    net = build_model("mnist")
+    x = torch.rand(5, 1, 28, 28)
+    # one class for every image is the same as that class repeated, whatever the chunking
+    torch.testing.assert_close(method_heatmaps("gradient", net, x, target=3, images_per_call=2),
+                               compute("gradient", net, x, torch.full((5,), 3)))
+    with pytest.raises(TypeError, match="class indices"):
+        method_heatmaps("gradient", net, x, target=2.7)  # never rounded to class 2
+    with pytest.raises(ValueError, match="one per image"):
+        method_heatmaps("gradient", net, x, target=[1, 2, 3], images_per_call=2)  # refused before any chunk

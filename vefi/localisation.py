@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vefi._progress import progress
+from vefi.targets import resolve_target
 
 __all__ = ["THRESHOLDS", "area_under_curve", "iou_curve", "method_heatmaps"]
 
@@ -139,11 +140,12 @@ def method_heatmaps(method: str, model, images: torch.Tensor, target=None, *, im
     if int(images_per_call) < 1:
         raise ValueError(f"images_per_call must be >= 1, got {images_per_call}")
     n = images.shape[0]
-    target_all = None if target is None else torch.as_tensor(target).reshape(-1)
+    # checked once, for all the images, before any chunk runs (the method checks the range)
+    target_all = None if target is None else resolve_target(target, n=n)
     chunks = []
     for start in progress(range(0, n, int(images_per_call)), desc=desc or method):
         stop = min(n, start + int(images_per_call))
-        t = None if target_all is None else (target_all if target_all.numel() == 1 else target_all[start:stop])
+        t = None if target_all is None else target_all[start:stop]
         opts = dict(options)
         if method == "random":  # a different draw per chunk, still seeded
             opts["seed"] = int(opts.get("seed", 0)) * 1_000_003 + start

@@ -101,6 +101,26 @@ def dataset_info(name: str) -> DatasetInfo:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
 
 
+class PackedMasks:
+    """Boolean masks kept as bits along the last axis (:func:`numpy.packbits`) until first read.
+
+    What :class:`ImageSet` takes for ``masks`` or ``parts`` to unpack them only when they are used: the part
+    masks of an8Flower's training split are eight times the size packed, and no chapter reads them.
+    """
+
+    def __init__(self, packed: np.ndarray, width: int):
+        self.packed, self.width = packed, int(width)
+
+    def unpack(self) -> np.ndarray:
+        # unpackbits gives 0/1 bytes, which are valid booleans: a view, not a second copy
+        return np.unpackbits(self.packed, axis=-1, count=self.width).view(bool)
+
+
+def _as_tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    """torch wants writable memory: the array itself when it is writable and C-ordered, else a copy."""
+    return None if a is None else torch.from_numpy(np.require(a, requirements=["C", "W"]))
+
+
 class ImageSet(Dataset):
     """Images with labels (and, for an8Flower, masks), as a ``torch`` dataset.
 
@@ -118,6 +138,8 @@ class ImageSet(Dataset):
         bool ``(N, H, W)``: the discriminative part (an8Flower only).
     parts : torch.Tensor or None
         bool ``(N, P, H, W)``: every part, named in ``part_names`` (an8Flower only).
+
+    ``masks`` and ``parts`` may be given as :class:`PackedMasks`, unpacked on first access.
     """
 
     def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray,
@@ -125,14 +147,31 @@ class ImageSet(Dataset):
                  part_names: tuple[str, ...] = ()):
         self.info = info
         self.split = split
-        def tensor(a):  # torch wants writable memory; copy only when the array is a read-only view
-            return None if a is None else torch.from_numpy(np.require(a, requirements=["C", "W"]))
-
-        self.images = tensor(images)
-        self.labels = tensor(np.asarray(labels, dtype=np.int64))
-        self.masks = tensor(masks)
-        self.parts = tensor(parts)
+        self.images = _as_tensor(images)
+        self.labels = _as_tensor(np.asarray(labels, dtype=np.int64))
+        self._masks = masks if isinstance(masks, PackedMasks) else _as_tensor(masks)
+        self._parts = parts if isinstance(parts, PackedMasks) else _as_tensor(parts)
         self.part_names = tuple(part_names)
+
+    @property
+    def masks(self) -> torch.Tensor | None:
+        if isinstance(self._masks, PackedMasks):
+            self._masks = _as_tensor(self._masks.unpack())
+        return self._masks
+
+    @property
+    def parts(self) -> torch.Tensor | None:
+        if isinstance(self._parts, PackedMasks):
+            self._parts = _as_tensor(self._parts.unpack())
+        return self._parts
+
+    @masks.setter
+    def masks(self, value) -> None:
+        self._masks = value
+
+    @parts.setter
+    def parts(self, value) -> None:
+        self._parts = value
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -189,6 +228,34 @@ def load_dataset(name: str, split: str = "train", *, download: bool | None = Non
     return ImageSet(info, split, images[:, None], labels)
 
 
+#: Arrays of the dataset files read in this process, by path: (the file's identity when read, the arrays).
+_READ: dict[str, tuple[tuple, dict[str, np.ndarray]]] = {}
+
+
+def _read_once(path: Path, check) -> dict[str, np.ndarray] | None:
+    """:func:`~vefi.book._cache.load_arrays`, read once per process while the file stays the same one.
+
+    A chapter loads the same split many times (every trained network's cache key hashes its training data),
+    and an8Flower's training files are hundreds of MB. The arrays kept are read-only, so :class:`ImageSet`
+    copies them into its own tensors (a memory copy, not a read and a hash check): what one caller changes in
+    its ImageSet, no other sees.
+    """
+    try:
+        st = path.stat()
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return load_arrays(path, check)
+    kept = _READ.get(str(path))
+    if kept is not None and kept[0] == identity:
+        return kept[1]
+    arrays = load_arrays(path, check)
+    if arrays is not None:
+        for a in arrays.values():
+            a.flags.writeable = False
+        _READ[str(path)] = (identity, arrays)
+    return arrays
+
+
 # --- MNIST and Fashion-MNIST -------------------------------------------------------------------------------
 
 def _check_labels(labels: np.ndarray, name: str, n_classes: int) -> None:
@@ -210,7 +277,7 @@ def _check_mnist_like(arrays: dict[str, np.ndarray]) -> None:
 
 def _load_mnist_like(name: str, download: bool) -> dict[str, np.ndarray]:
     cache = data_dir() / f"{name}.npz"
-    arrays = load_arrays(cache, _check_mnist_like)
+    arrays = _read_once(cache, _check_mnist_like)
     if arrays is None:
         arrays = _read_mnist(download) if name == "mnist" else _read_fashion(download)
         save_arrays(cache, **arrays)
@@ -413,15 +480,14 @@ def _load_an8flower(info: DatasetInfo, split: str, n_per_class: int) -> ImageSet
                               "parts": (np.uint8, (n, len(an8flower.PARTS), size, (size + 7) // 8))})
         _check_labels(arrays["labels"], "labels", len(info.classes))
 
-    arrays = load_arrays(cache, check)
+    arrays = _read_once(cache, check)
     if arrays is None:
         flowers = an8flower.generate(variant, n_per_class, seed=seed, size=size)
         arrays = {"images": flowers.images, "labels": flowers.labels,
                   "masks": np.packbits(flowers.masks, axis=-1), "parts": np.packbits(flowers.parts, axis=-1)}
         save_arrays(cache, **arrays)
-    masks = np.unpackbits(arrays["masks"], axis=-1, count=size).astype(bool)
-    parts = np.unpackbits(arrays["parts"], axis=-1, count=size).astype(bool)
-    return ImageSet(info, split, arrays["images"], arrays["labels"], masks, parts, an8flower.PARTS)
+    return ImageSet(info, split, arrays["images"], arrays["labels"], PackedMasks(arrays["masks"], size),
+                    PackedMasks(arrays["parts"], size), an8flower.PARTS)
 
 
 # --- command line: python -m vefi.book.data fetch ------------------------------------------------------------------
