@@ -4,6 +4,7 @@
 #               and a browser test of the site built in quick mode (headless Chromium) from nbval's
 #               execution of the notebooks (each notebook runs once)
 # Also: make bench (speed against the peer libraries), make notebooks (re-store notebooks for nbval),
+#       make networks (train every network of the book in full mode and ship its weights in book/networks),
 #       make quickbook (the book in quick mode, in _build/quick; what the browser test visits),
 #       make check-book (the browser test on the full book in _build/html, after make book).
 
@@ -24,7 +25,7 @@ QUICK_CACHE := $(QUICK_OUT)/_build/.jupyter_cache
 QUICKBOOK_FLAGS ?=
 NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: book quickbook check-book test bench data setup system vendor notebooks api clean
+.PHONY: book quickbook check-book test bench data setup system vendor notebooks networks api clean
 
 # jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run every
 # chapter, so forget both the execution cache and Sphinx's environment of the build folder $(1)
@@ -102,6 +103,11 @@ $(VENDOR)/VERSIONS.json: package.json package-lock.json scripts/vendor_js.py | s
 	@command -v npm >/dev/null || { echo "npm missing: run 'sudo apt-get install nodejs npm'"; exit 1; }
 	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	$(PYTHON) scripts/vendor_js.py
+
+# The weights of every network the book trains, shipped in book/networks so that a first `make book` trains
+# nothing; run again after any change to the training code, schedules or data (a build says when)
+networks: data
+	VEFI_QUICK=0 $(PY) -m vefi.book.train ship
 
 notebooks: data
 	$(PY) scripts/store_notebook.py notebooks/*.ipynb

@@ -141,6 +141,7 @@ def test_local_response_norm_gradient(size):
     x = torch.randn(2, 7, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     signal = torch.randn(2, 7, 5, 4, generator=gen, dtype=torch.float64)
     args = (size, 0.3, 0.75, 1.5)
+    torch.testing.assert_close(_LocalResponseNorm.apply(x, *args), F.local_response_norm(x, *args))
     (ours,) = torch.autograd.grad(_LocalResponseNorm.apply(x, *args), x, signal)
     (reference,) = torch.autograd.grad(F.local_response_norm(x, *args), x, signal)
     torch.testing.assert_close(ours, reference)

@@ -55,6 +55,60 @@ def test_pretrained_is_cached_and_a_damaged_cache_retrains(fake_fashion, monkeyp
         assert torch.equal(value, rebuilt.state_dict()[key])
 
 
+def test_shipped_weights_are_used_and_stale_or_damaged_ones_say_so(fake_fashion, monkeypatch, tmp_path):
+    monkeypatch.setenv("VEFI_QUICK", "0")  # weights are shipped for full mode only
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(training, "SHIPPED", shipped)
+    monkeypatch.setattr(training, "BOOK_NETWORKS", (("fashion-mnist", 0, None), ("fashion-mnist", 1, None)))
+    (shipped / "gone").mkdir(parents=True)
+    (shipped / "fashion-mnist-seed7-0123456789abcdef.pt").write_bytes(b"a network no longer trained")
+    files = training.ship_networks()
+    assert sorted(shipped.glob("*.pt")) == sorted(files) and len(files) == 2  # the stale file is gone
+    assert [f.name.split("-")[2] for f in files] == ["seed0", "seed1"]
+
+    for cached in (fake_fashion / "models").glob("*.pt"):  # a reader's first build: an empty cache
+        cached.unlink()
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained although shipped"))
+    model = training.pretrained("fashion-mnist", 1)
+    assert model.weights_file.read_bytes() == (shipped / model.weights_file.name).read_bytes()
+    assert training.pretrained("fashion-mnist", 1).test_accuracy == model.test_accuracy  # now from the cache
+
+    monkeypatch.setattr(training, "train", real_train)
+    monkeypatch.setattr(training, "_training_code", lambda: "other training code")
+    with pytest.warns(RuntimeWarning, match="make networks"):
+        training.pretrained("fashion-mnist", 1)  # the shipped file is for other code: trained anew
+
+    monkeypatch.undo()
+    monkeypatch.setenv("VEFI_DATA", str(fake_fashion))
+    monkeypatch.setenv("VEFI_QUICK", "0")
+    monkeypatch.setattr(training, "SHIPPED", shipped)
+    for cached in (fake_fashion / "models").glob("*.pt"):
+        cached.unlink()
+    damaged = files[0]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.warns(RuntimeWarning, match="damaged.*not using it"):
+        training.pretrained("fashion-mnist", 0)
+    assert damaged.is_file()  # a file of the repository is never removed
+
+
+def test_every_network_of_the_book_is_shipped_and_loads():
+    """book/networks holds one weights file per network of BOOK_NETWORKS (none left over), each a verified
+    file whose weights fit the architecture. Whether they are current (trained with this code and data) is
+    told at build time, where pretrained warns and trains anew."""
+    shipped = sorted(training.SHIPPED.glob("*.pt"))
+    for name, seed, architecture in training.BOOK_NETWORKS:
+        stem = training._stem(name, seed, architecture)
+        mine = [p for p in shipped if p.name.rsplit("-", 1)[0] == stem]
+        assert len(mine) == 1, f"{stem}: {len(mine)} shipped files; run 'make networks'"
+        model = build_model(name, architecture)
+        state, history, accuracy = training.read_verified(mine[0], lambda b: training._parse_stored(b, model),
+                                                          remove_bad=False)
+        assert history and accuracy > 0.5, stem
+        shipped.remove(mine[0])
+    assert not shipped, f"shipped weights of no network of the book: {shipped}"
+
+
 def test_cache_key_follows_hyperparameters_and_data(fake_fashion):
     from vefi.book.data import load_dataset
 

@@ -112,8 +112,8 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
-from vefi.layers import (Layer, channel_axes, check_channel_first, check_images, layer_table, pair,
-                         resolve_layer, tapped)
+from vefi.layers import (Layer, channel_axes, channel_window, check_channel_first, check_images, layer_table,
+                         local_response_norm, pair, resolve_layer, tapped)
 
 __all__ = ["RULES", "POOL_FIXES", "SOURCES", "NonlinearityGuard", "backproject", "conv_backproject",
            "maxpool_backproject", "avgpool_backproject", "stride1_size", "strongest_channels", "heatmap"]
@@ -521,14 +521,14 @@ class _AvgPool2d(torch.autograd.Function):
 
 
 class _LocalResponseNorm(torch.autograd.Function):
-    """``F.local_response_norm`` with a hand-written gradient: autograd's goes through ``avg_pool3d``, whose
-    backward is slow on CPU, above all under vmap."""
+    """``F.local_response_norm`` (computed by :func:`vefi.layers.local_response_norm`) with a hand-written
+    gradient: autograd's goes through ``avg_pool3d``, whose backward is slow on CPU, above all under vmap."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, size, alpha, beta, k):
-        return F.local_response_norm(x, size, alpha, beta, k)
+        return local_response_norm(x, size, alpha, beta, k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -541,19 +541,12 @@ class _LocalResponseNorm(torch.autograd.Function):
         # window of c being c - size//2 .. c + (size-1)//2; the chain rule sums over the transposed window
         (x,) = ctx.saved_tensors
         size, alpha, beta, k = ctx.conf
-        window = _channel_window(x.shape[-3], size // 2, (size - 1) // 2, x.dtype, x.device)
+        window = channel_window(x.shape[-3], size // 2, (size - 1) // 2, x.dtype, x.device)
         d = torch.einsum("dc,nchw->ndhw", window, x * x).mul(alpha / size).add(k)
         scaled = d.pow(-beta)
         through = x * scaled / d  # everything that does not depend on the signal, computed once
         back = torch.einsum("cd,nchw->ndhw", window, signal * through)
         return signal * scaled - (2 * alpha * beta / size) * x * back, None, None, None, None
-
-
-def _channel_window(channels: int, before: int, after: int, dtype, device) -> torch.Tensor:
-    """Matrix W with W[d, c] = 1 when c is in d - before .. d + after: ``W @ v`` sums v over each window."""
-    c = torch.arange(channels, device=device)
-    offset = c[None, :] - c[:, None]
-    return ((offset >= -before) & (offset <= after)).to(dtype)
 
 
 def _bind(args, kwargs, names, defaults):

@@ -156,15 +156,18 @@ def _identity(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _discard(path: Path, identity: tuple, why: str) -> None:
+def _discard(path: Path, identity: tuple, why: str, remove: bool = True) -> None:
     # warn before removing: tests hook the warning to play a second reader at this very moment
+    if not remove:
+        warnings.warn(f"file {path} {why}; not using it", RuntimeWarning, stacklevel=4)
+        return
     warnings.warn(f"cache file {path} {why}; removing it and rebuilding", RuntimeWarning, stacklevel=4)
     with contextlib.suppress(OSError):  # gone already, or a read-only folder: the rebuild then says so
         if _identity(os.stat(path)) == identity:  # not a file another reader has rebuilt meanwhile
             os.unlink(path)
 
 
-def read_verified(path: Path, parse: Callable[[bytes], Any] | None = None) -> Any:
+def read_verified(path: Path, parse: Callable[[bytes], Any] | None = None, *, remove_bad: bool = True) -> Any:
     """The payload of a cache file (or ``parse(payload)``), or None when the file is missing or bad.
 
     Parameters
@@ -173,12 +176,14 @@ def read_verified(path: Path, parse: Callable[[bytes], Any] | None = None) -> An
     parse : callable, optional
         Turns the payload into what the caller uses, and checks it: a ``ValueError`` from it means the file
         holds the wrong content.
-
-    A bad file (truncated, corrupted, not a cache file, or refused by ``parse``) is removed with a warning
-    naming it, so that the caller rebuilds it.
+    remove_bad : bool
+        A bad file (truncated, corrupted, not a cache file, or refused by ``parse``) is removed with a warning
+        naming it, so that the caller rebuilds it; with False (a file the repository ships) it is only warned
+        of, and left where it is.
     """
     path = Path(path)
-    _remove_stale_parts(path)
+    if remove_bad:
+        _remove_stale_parts(path)
     try:
         with open(path, "rb") as f:
             identity = _identity(os.fstat(f.fileno()))
@@ -187,14 +192,14 @@ def read_verified(path: Path, parse: Callable[[bytes], Any] | None = None) -> An
         return None
     head, _, payload = raw.partition(b"\n")
     if not (head.startswith(_MAGIC) and hashlib.sha256(payload).hexdigest().encode() == head[len(_MAGIC):]):
-        _discard(path, identity, "is damaged (truncated or corrupted)")
+        _discard(path, identity, "is damaged (truncated or corrupted)", remove_bad)
         return None
     if parse is None:
         return payload
     try:
         return parse(payload)
     except ValueError as err:
-        _discard(path, identity, f"holds the wrong content ({err})")
+        _discard(path, identity, f"holds the wrong content ({err})", remove_bad)
         return None
 
 

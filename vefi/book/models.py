@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vefi.book.data import dataset_info
+from vefi.layers import local_response_norm
 
 __all__ = ["FastLocalResponseNorm", "VefiNet", "ARCHITECTURES", "build_model", "matconvnet_mnist", "small_cnn",
            "vggf_like"]
@@ -55,23 +56,16 @@ class VefiNet(nn.Sequential):
 
 
 class FastLocalResponseNorm(nn.LocalResponseNorm):
-    """:class:`torch.nn.LocalResponseNorm` over the channels of a 4-D input, its window sum written as a 1x1
-    convolution with a banded matrix: the same function and gradient (a test checks both against PyTorch's),
-    about twice as fast on CPU, where PyTorch's goes through a 3-D average pool and most of the an8Flower
-    net's forward time went (``make bench``: ``benchmarks/bench_layout.py``).
+    """:class:`torch.nn.LocalResponseNorm` computed by :func:`vefi.layers.local_response_norm`, its window sum
+    a 1x1 convolution with a banded matrix: the same function and gradient (a test checks both against
+    PyTorch's), about twice as fast on CPU, where PyTorch's goes through a 3-D average pool and most of the
+    an8Flower net's forward time went (``make bench``: ``benchmarks/bench_layout.py``).
 
     Being a ``LocalResponseNorm``, it is treated as one by every rule of :mod:`vefi` (layer kinds, LRP).
     """
 
     def forward(self, input):
-        if input.dim() != 4:
-            return super().forward(input)
-        channels = input.shape[1]
-        c = torch.arange(channels, device=input.device)
-        offset = c[None, :] - c[:, None]  # window of channel d: d - size//2 .. d + (size-1)//2, as PyTorch's
-        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(input.dtype)
-        window = nn.functional.conv2d(input * input, (band * (self.alpha / self.size))[:, :, None, None])
-        return input * (window + self.k).pow(-self.beta)
+        return local_response_norm(input, self.size, self.alpha, self.beta, self.k)
 
 
 def small_cnn(in_channels: int = 1, size: int = 28, num_classes: int = 10) -> OrderedDict:

@@ -4,15 +4,24 @@
 progress bar) and caching the weights under ``data/models``. The cache key is a hash of the training data, the
 architecture, the hyper-parameters, the ``vefi`` version and the training code, so changing any of them
 trains anew and nothing stale is ever loaded.
+
+The repository ships the full-mode weights of every network the book uses (:data:`BOOK_NETWORKS`) in
+``book/networks/`` (:data:`SHIPPED`), written by ``make networks`` (``python -m vefi.book.train ship``) with
+this very code: a first ``make book`` then trains nothing, and every reader's book stands on the same
+networks. The shipped file of a network is the cache file, under the same key-carrying name, so it is used
+only when data, architecture, schedule and training code are still the ones it was trained with; otherwise
+:func:`pretrained` says so and trains anew.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,13 +32,14 @@ from torch import nn
 import vefi
 from vefi._model_state import preserved
 from vefi._progress import progress
-from vefi.book._cache import read_verified, sha256_file, write_verified
+from vefi.book._cache import atomic_write, read_verified, sha256_file, write_verified
 from vefi.book.config import data_dir, quick_mode
 from vefi.book.data import ImageSet, dataset_info, load_dataset
 from vefi.book.models import build_model
+from vefi.layers import channel_window, local_response_norm
 
-__all__ = ["HyperParams", "HYPERPARAMS", "ARCHITECTURE_HYPERPARAMS", "NETWORK_SEEDS", "train", "pretrained",
-           "predict", "evaluate", "recalibrate_batchnorm", "training_set"]
+__all__ = ["HyperParams", "HYPERPARAMS", "ARCHITECTURE_HYPERPARAMS", "NETWORK_SEEDS", "BOOK_NETWORKS", "SHIPPED",
+           "train", "pretrained", "predict", "evaluate", "recalibrate_batchnorm", "training_set", "ship_networks"]
 
 
 @dataclass(frozen=True)
@@ -196,10 +206,25 @@ def _first_per_class(data: ImageSet, n: int) -> ImageSet:
                     pick(data.parts), data.part_names)
 
 
-def _cache_key(name: str, model: nn.Module, data: ImageSet, hp: HyperParams) -> str:
+def _training_code() -> str:
+    """A hash of the code a trained network depends on: the architectures (all of ``vefi.book.models``), the
+    training loop, the subset rule and the library's functions the networks call; not the caching around them,
+    so that a change in how weights are stored or shipped does not make them stale."""
     from vefi.book import models
 
-    code = "".join(sha256_file(Path(m.__file__)) for m in (models, sys.modules[__name__]))
+    h = hashlib.sha256(sha256_file(Path(models.__file__)).encode())
+    for f in _TRAINING_FUNCTIONS:
+        h.update(inspect.getsource(f).encode())
+    return h.hexdigest()
+
+
+# what _training_code hashes, bound once (the functions as defined here, whatever a caller patches later)
+_TRAINING_FUNCTIONS = (HyperParams, train, recalibrate_batchnorm, _first_per_class, local_response_norm,
+                       channel_window)
+
+
+def _cache_key(name: str, model: nn.Module, data: ImageSet, hp: HyperParams) -> str:
+    code = _training_code()
     parts = {"dataset": name, "data": _fingerprint(data), "architecture": repr(model),
              "hyperparams": asdict(hp), "version": vefi.__version__, "code": code}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -232,6 +257,20 @@ def _parse_stored(payload: bytes, model: nn.Module) -> tuple[dict, list, float]:
 #: Seeds of the independently trained networks every claim of the reproduction is measured on (chapter 10).
 NETWORK_SEEDS = (0, 1, 2)
 
+#: Every network the book trains, as ``(dataset, seed, architecture)``: the book's net of each dataset and the
+#: authors' kind of MNIST network on every seed of :data:`NETWORK_SEEDS` (chapters 1-10), and chapter 15's
+#: torchvision classifier on seed 0. ``make networks`` trains them all and ships their weights.
+BOOK_NETWORKS = tuple(
+    [(name, seed, None) for name in HYPERPARAMS for seed in NETWORK_SEEDS]
+    + [("mnist", seed, "matconvnet-mnist") for seed in NETWORK_SEEDS]
+    + [("an8flower-single", 0, "mobilenet_v3_small")])
+
+#: Where the repository keeps the shipped weights of :data:`BOOK_NETWORKS` (None when vefi is installed
+#: without the repository).
+SHIPPED = Path(__file__).resolve().parents[2] / "book" / "networks"
+if not (SHIPPED.parent.parent / "pyproject.toml").exists():
+    SHIPPED = None
+
 
 def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> nn.Module:
     """The book's trained model for dataset ``name``, in eval mode; trained on first use, then cached.
@@ -245,9 +284,11 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
     network of the same architecture and schedule (the chapters use seed 0; the reproduction summary every
     seed of :data:`NETWORK_SEEDS`).
 
-    In quick mode (``VEFI_QUICK=1``) the model is trained for three epochs on the quick subset: good enough to
-    run every chapter, not to report accuracies. The training history and test accuracy are in
-    ``model.history`` and ``model.test_accuracy``.
+    In full mode a network the repository ships (:data:`SHIPPED`, for the same data and training code) is
+    loaded instead of trained. In quick mode (``VEFI_QUICK=1``) the model is trained for three epochs on the
+    quick subset: good enough to run every chapter, not to report accuracies. The training history and test
+    accuracy are in ``model.history`` and ``model.test_accuracy``, the cached weights file in
+    ``model.weights_file``.
 
     Examples
     --------
@@ -263,14 +304,18 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
     if quick_mode():
         hp = replace(hp, epochs=QUICK_EPOCHS)
     data = training_set(name, architecture)
-    stem = name if architecture is None else f"{name}-{architecture}"
+    stem = _stem(name, seed, architecture)
     path = data_dir() / "models" / f"{stem}-{_cache_key(name, model, data, hp)}.pt"
-    stored = read_verified(path, lambda payload: _parse_stored(payload, model))
+    parse = (lambda payload: _parse_stored(payload, model))
+    stored = read_verified(path, parse)
+    if stored is None and not quick_mode():
+        stored = _from_shipped(path, parse, stem)
+    model.weights_file = path
     if stored is not None:
         state, model.history, model.test_accuracy = stored
         model.load_state_dict(state)
     else:
-        history = train(model, data, hp, desc=f"training {stem}" + (f" (seed {seed})" if seed else ""))
+        history = train(model, data, hp, desc=f"training {stem}")
         accuracy, _ = evaluate(model, load_dataset(name, "test"))
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "history": json.dumps(history),
@@ -278,3 +323,66 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
         write_verified(path, buf.getvalue())
         model.history, model.test_accuracy = history, accuracy
     return model.eval()
+
+
+def _stem(name: str, seed: int, architecture: str | None) -> str:
+    """The start of a weights file's name: dataset, architecture (the book's own net: none) and seed."""
+    return (name if architecture is None else f"{name}-{architecture}") + f"-seed{seed}"
+
+
+def _from_shipped(path: Path, parse, stem: str):
+    """The shipped weights stored under ``path``'s name (copied into the cache at ``path``), or None; a warning
+    when the repository ships this network for other data or code, which is then trained anew."""
+    if SHIPPED is None:
+        return None
+    shipped = SHIPPED / path.name
+    if not shipped.is_file():
+        others = sorted(p.name for p in SHIPPED.glob(f"{stem}-*.pt"))
+        if others:
+            warnings.warn(f"the shipped weights of {stem} ({', '.join(others)}) were trained with other data or "
+                          f"training code than this vefi's: training anew; run 'make networks' to ship the "
+                          f"weights of the present code", RuntimeWarning, stacklevel=3)
+        return None
+    stored = read_verified(shipped, parse, remove_bad=False)
+    if stored is not None:
+        atomic_write(path, shipped.read_bytes())
+    return stored
+
+
+def ship_networks(folder: Path | None = None) -> list[Path]:
+    """Train (or take from the cache) every network of :data:`BOOK_NETWORKS` in full mode and put its weights
+    file in ``folder`` (default :data:`SHIPPED`), removing the files of networks no longer trained; return the
+    files. What ``make networks`` runs, after any change to the training code, data or schedules."""
+    folder = Path(folder) if folder is not None else SHIPPED
+    if folder is None:
+        raise ValueError("vefi is installed without its repository: pass the folder to ship the weights to")
+    if quick_mode():
+        raise ValueError("the shipped weights are the full-mode networks: unset VEFI_QUICK")
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for name, seed, architecture in BOOK_NETWORKS:
+        cached = pretrained(name, seed, architecture=architecture).weights_file
+        target = folder / cached.name
+        if not target.is_file() or target.read_bytes() != cached.read_bytes():
+            atomic_write(target, cached.read_bytes())
+        kept.append(target)
+    for stale in set(folder.glob("*.pt")) - set(kept):
+        stale.unlink()
+    return kept
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vefi.book.train",
+                                     description="Train the book's networks in full mode and ship their weights.")
+    parser.add_argument("command", choices=["ship"], help=f"train every network of the book and copy its weights "
+                        f"to {SHIPPED}")
+    parser.parse_args(argv)
+    for path in ship_networks():
+        print(f"{path.name}: {path.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
