@@ -27,10 +27,12 @@ NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitiz
 
 .PHONY: book quickbook check-book test bench data setup system vendor notebooks networks api clean
 
-# jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi must re-run every
-# chapter, so forget both the execution cache and Sphinx's environment of the build folder $(1)
+# jupyter-cache keys on code cells and Sphinx re-reads changed pages only: a changed vefi (or new shipped
+# networks) must re-run every chapter, so forget both the execution cache and Sphinx's environment of the
+# build folder $(1)
 define forget_if_vefi_changed
-	@h=$$(find pyproject.toml vefi -name "*.py" -o -name pyproject.toml | sort | xargs cat | sha256sum | cut -c1-16); \
+	@h=$$(find pyproject.toml vefi book/networks -name "*.py" -o -name pyproject.toml -o -name "*.pt" | sort \
+	  | xargs cat | sha256sum | cut -c1-16); \
 	if [ "$$(cat $(1)/.vefi-hash 2>/dev/null)" != "$$h" ]; then \
 	  echo "vefi changed: every chapter will run again"; rm -rf $(1)/.jupyter_cache $(1)/.doctrees; \
 	  mkdir -p $(1); echo "$$h" > $(1)/.vefi-hash; fi

@@ -79,3 +79,16 @@ def test_kinds():
     assert layer_kind(nn.GELU()) == "gelu"
     assert layer_kind(nn.Tanh()) == "other"
     assert layer_kind(nn.Sequential(nn.ReLU())) == "block"
+
+
+def test_an_unknown_layer_of_a_large_model_names_the_closest():
+    """A model of many layers: the error names the closest layer names, not all of them, and where the rest are."""
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU()) for _ in range(12)])
+    layers = layer_table(model, (2, 4, 4))
+    assert len(layers) > 20
+    with pytest.raises(ValueError, match=r"unknown layer '11\.2'; the closest names: .*'11\.1' \(relu\).*"
+                                         r"vefi\.layer_table\(model, input_shape\) lists them all") as err:
+        resolve_layer(layers, "11.2")
+    assert "'3.0'" not in str(err.value)
+    with pytest.raises(ValueError, match=rf"unknown layer 'zzz'; this model has {len(layers)} layers"):
+        resolve_layer(layers, "zzz")

@@ -72,12 +72,14 @@ def test_shipped_weights_are_used_and_stale_or_damaged_ones_say_so(fake_fashion,
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained although shipped"))
     model = training.pretrained("fashion-mnist", 1)
     assert model.weights_file.read_bytes() == (shipped / model.weights_file.name).read_bytes()
-    assert training.pretrained("fashion-mnist", 1).test_accuracy == model.test_accuracy  # now from the cache
+    assert model.weights_origin == "shipped"
+    again = training.pretrained("fashion-mnist", 1)
+    assert again.weights_origin == "cache" and again.test_accuracy == model.test_accuracy
 
     monkeypatch.setattr(training, "train", real_train)
     monkeypatch.setattr(training, "_training_code", lambda: "other training code")
     with pytest.warns(RuntimeWarning, match="make networks"):
-        training.pretrained("fashion-mnist", 1)  # the shipped file is for other code: trained anew
+        assert training.pretrained("fashion-mnist", 1).weights_origin == "trained"  # shipped for other code
 
     monkeypatch.undo()
     monkeypatch.setenv("VEFI_DATA", str(fake_fashion))

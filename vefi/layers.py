@@ -20,6 +20,7 @@ rules see them all the same. Every tool that reads or changes a layer's output d
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -236,8 +237,22 @@ def resolve_layer(layers: list[Layer], key: int | str | nn.Module | Layer) -> La
         if (isinstance(key, int) and not isinstance(key, bool) and layer.number == key) or \
                 (isinstance(key, str) and (layer.name == key or key in layer.aliases)):
             return layer
-    known = ", ".join(f"{layer.number}={layer.name!r} ({layer.kind})" for layer in layers)
-    raise ValueError(f"unknown layer {key!r}; this model has layers {known}")
+    raise ValueError(f"unknown layer {key!r}; " + _known_layers(layers, key))
+
+
+def _known_layers(layers: list[Layer], key, most: int = 20) -> str:
+    """The layers there are, for an error: all of them in a small model; in a large one the names closest
+    to ``key`` and where to find the rest."""
+    def show(layer):
+        return f"{layer.number}={layer.name!r} ({layer.kind})"
+
+    if len(layers) <= most:
+        return f"this model has layers {', '.join(map(show, layers))}"
+    by_name = {name: layer for layer in layers for name in (layer.name, *layer.aliases)}
+    close = difflib.get_close_matches(str(key), list(by_name), n=5, cutoff=0.5)
+    near = f"the closest names: {', '.join(show(by_name[n]) for n in dict.fromkeys(close))}; " if close else ""
+    return (f"{near}this model has {len(layers)} layers, numbered 1 to {len(layers)}: vefi.layer_table(model, "
+            "input_shape) lists them all")
 
 
 @contextmanager

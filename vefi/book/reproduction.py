@@ -30,8 +30,9 @@ from vefi.explain import Explanation, background_ratio, explain
 from vefi.interpret import average_images
 from vefi.saliency import sensitivity
 
-__all__ = ["Claim", "GAP_PAIRS", "ablation_claims", "agreement", "bootstrap_mean", "claims_table", "gap_support",
-           "interpretation_purity", "interval", "markdown_table", "network_seeds", "paired_bootstrap"]
+__all__ = ["Claim", "GAP_PAIRS", "ablation_claims", "agreement", "bootstrap_mean", "change_in_words", "claims_table",
+           "gap_support", "interpretation_purity", "interval", "markdown_table", "network_seeds", "paired_bootstrap",
+           "spread"]
 
 #: The paper's examples of features that support gaps (Fig. 6): "for class 2 how it speaks against 0 and for 6
 #: how it goes against 4".
@@ -127,6 +128,31 @@ def interval(mean: float, low: float, high: float, digits: int = 3) -> str:
     '-0.012 [-0.020, -0.004]'
     """
     return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def spread(values, digits: int = 0) -> str:
+    """The mean of a measurement over the networks, with their range when there are several.
+
+    Examples
+    --------
+    >>> spread([0.991, 0.992, 0.994], 3)
+    '0.992 (0.991-0.994)'
+    >>> spread([34])
+    '34'
+    """
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f}" + (f" ({v.min():.{digits}f}-{v.max():.{digits}f})" if len(v) > 1 else "")
+
+
+def change_in_words(ratio: float) -> str:
+    """What multiplying a count by ``ratio`` does, for a sentence: within 10% it "leaves it about the same".
+
+    Examples
+    --------
+    >>> change_in_words(1.05), change_in_words(0.7)
+    ('leaves it about the same', 'multiplies it by 0.70')
+    """
+    return "leaves it about the same" if abs(np.log(ratio)) < np.log(1.1) else f"multiplies it by {ratio:.2f}"
 
 
 def ablation_claims(label: str, results: Sequence, paper_counts: str) -> list[Claim]:

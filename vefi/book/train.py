@@ -288,7 +288,8 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
     loaded instead of trained. In quick mode (``VEFI_QUICK=1``) the model is trained for three epochs on the
     quick subset: good enough to run every chapter, not to report accuracies. The training history and test
     accuracy are in ``model.history`` and ``model.test_accuracy``, the cached weights file in
-    ``model.weights_file``.
+    ``model.weights_file``, and where the weights came from in ``model.weights_origin``: ``"trained"`` now,
+    ``"cache"`` (trained by an earlier call) or ``"shipped"`` (the repository's).
 
     Examples
     --------
@@ -307,10 +308,12 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
     stem = _stem(name, seed, architecture)
     path = data_dir() / "models" / f"{stem}-{_cache_key(name, model, data, hp)}.pt"
     parse = (lambda payload: _parse_stored(payload, model))
-    stored = read_verified(path, parse)
+    stored, model.weights_origin = read_verified(path, parse), "cache"
     if stored is None and not quick_mode():
-        stored = _from_shipped(path, parse, stem)
+        stored, model.weights_origin = _from_shipped(path, parse, stem), "shipped"
     model.weights_file = path
+    if stored is None:
+        model.weights_origin = "trained"
     if stored is not None:
         state, model.history, model.test_accuracy = stored
         model.load_state_dict(state)
