@@ -414,6 +414,25 @@ def homotopy_only(monkeypatch):
     monkeypatch.setattr(vefi.lasso, "_JUMP_ROUNDS", 0)
 
 
+def jump_first(monkeypatch):
+    """Try the active-set jump before any homotopy event wherever it may be tried (by default only a path
+    still going after _JUMP_AFTER events tries it, which no problem of a few features has)."""
+    monkeypatch.setattr(vefi.lasso, "_JUMP_AFTER", 0)
+
+
+def jump_outcomes(monkeypatch) -> list:
+    """Record whether each call of the active-set jump landed (True) or gave up (False)."""
+    outcomes, real = [], vefi.lasso._class_jump
+
+    def spy(*args, **kwargs):
+        w, used = real(*args, **kwargs)
+        outcomes.append(w is not None)
+        return w, used
+
+    monkeypatch.setattr(vefi.lasso, "_class_jump", spy)
+    return outcomes
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_path_matches_the_optimum_over_all_faces(family, monkeypatch):
     # Tiny problems (5 to 7 features), where trying every face of the L1 ball is affordable; each of the three
@@ -427,7 +446,10 @@ def test_every_path_matches_the_optimum_over_all_faces(family, monkeypatch):
         with monkeypatch.context() as patch:
             homotopy_only(patch)
             homotopy = solve_mu_lasso(g, p.mu)
-        paths = {"default": solve_mu_lasso(g, p.mu), "homotopy": homotopy,
+        with monkeypatch.context() as patch:
+            jump_first(patch)
+            jump = solve_mu_lasso(g, p.mu)
+        paths = {"default": solve_mu_lasso(g, p.mu), "homotopy": homotopy, "jump": jump,
                  "lockstep": vefi.lasso._solve(g.Q, g.q, g.lsq, p.mu, 1e-8, 10000, None, None, per_class=False)}
         for path, res in paths.items():
             assert res.converged, (p.name, path, res.message)
@@ -468,16 +490,54 @@ def test_fast_paths_agree_with_the_lockstep_homotopy_and_spams(family, monkeypat
 def test_a_jump_the_certificate_rejects_is_solved_again_by_the_homotopy(monkeypatch):
     # The jump certifies its point with its own gradient; should the full certificate disagree, the class is
     # solved again by the homotopy, not polished or reported from the jump's point.
-    p = family_problem("gaussian", 2)
+    p = family_problem("gaussian", 0)  # a long path (mu near least squares): every class tries the jump
     g = p.gram
     real = vefi.lasso._class_jump
+    landed = []
 
     def off_by_a_bit(*args, **kwargs):
         w, used = real(*args, **kwargs)
+        landed.append(w is not None)
         return (None if w is None else w * (1 - 1e-3)), used  # feasible, not optimal
 
     monkeypatch.setattr(vefi.lasso, "_class_jump", off_by_a_bit)
     res = solve_mu_lasso(g, p.mu)
     lock = vefi.lasso._solve(g.Q, g.q, g.lsq, p.mu, 1e-8, 10000, None, None, per_class=False)
+    assert landed and all(landed), landed
     assert res.converged and res.n_iter == lock.n_iter
     np.testing.assert_allclose(res.objective, lock.objective, rtol=1e-9)
+
+
+def test_the_jump_lands_and_gives_up_on_the_compared_problems(monkeypatch):
+    # Both outcomes of the jump occur on the problems test_fast_paths_agree_with_the_lockstep_homotopy_and_spams
+    # checks against the lock-step homotopy and SPAMS, so both stay covered by those checks.
+    outcomes = jump_outcomes(monkeypatch)
+    for seed in range(6):
+        p = family_problem("gaussian", seed)
+        assert solve_mu_lasso(p.gram, p.mu).converged, p.name
+    assert True in outcomes and False in outcomes, outcomes
+
+
+def test_compiled_homotopy_reads_q_in_any_memory_order():
+    # The compiled kernel reads rows of a C-ordered Q; a Fortran-ordered (symmetric) Q is read through its
+    # transpose, anything else (a list, a strided view) copied: the same answer every way.
+    p = family_problem("skewed", 2)
+    g = p.gram
+    ref = solve_mu_lasso(g, p.mu)
+    for Q in (np.asfortranarray(g.Q), g.Q.tolist()):
+        res = solve_mu_lasso(Q, p.mu, q=g.q, lsq=g.lsq)
+        assert res.converged and res.n_iter == ref.n_iter, p.name
+        np.testing.assert_allclose(res.objective, ref.objective, rtol=1e-8)
+    # a strided view (every other feature) is copied, and solves its own smaller problem
+    sub = slice(None, None, 2)
+    res = solve_mu_lasso(g.Q[sub, sub], p.mu, q=g.q[sub], lsq=g.lsq)
+    dense = solve_mu_lasso(np.ascontiguousarray(g.Q[sub, sub]), p.mu, q=g.q[sub], lsq=g.lsq)
+    assert not g.Q[sub, sub].flags.c_contiguous and not g.Q[sub, sub].flags.f_contiguous
+    assert res.converged and res.n_iter == dense.n_iter
+    np.testing.assert_allclose(res.W, dense.W, rtol=0, atol=1e-12 * p.mu)
+
+
+@pytest.mark.parametrize("m, c", [(0, 2), (3, 0)])
+def test_an_empty_problem_is_refused_with_a_clear_error(m, c):
+    with pytest.raises(ValueError, match="nothing to select"):
+        solve_mu_lasso(np.eye(m), 1.0, q=np.zeros((m, c)), lsq=np.ones(c))

@@ -15,9 +15,8 @@ modification), which SPAMS also uses: the solution ``w(lambda)`` of the penalise
 as ``lambda`` falls, so following it from ``lambda = max|q|`` (w = 0) until the L1 norm reaches ``mu`` (or
 ``lambda`` reaches 0: least squares inside the ball) gives the constrained solution exactly, in about one
 iteration per feature that enters or leaves the support. Each iteration reads the rows of Q of the active
-features only (one product of those columns with two vectors per class; the classes run in lock-step so one
-product serves all; the events of all classes are found by column-wise array operations on it), and solves
-with a Cholesky factor of the active Gram block, bordered by one row when a feature enters. Why this and
+features only (one product of those columns with two vectors), and solves with a Cholesky factor of the
+active Gram block, bordered by one row when a feature enters (see below for how it is run). Why this and
 not the SPGL1 iteration the paper cites (spectral projected gradient with BB steps): measured on 60
 problems of five families (``benchmarks/lasso_problems.py``), the projected gradient, even with face steps
 and a working set, stopped at its iteration limit on a quarter of them (columns scaled over six orders of
@@ -31,15 +30,34 @@ just left may not re-enter at once with its old sign (rounding at a tie). The sp
 it, all candidates of that class are tested at once and the next event is picked from the same product, so
 that low-rank data costs one iteration per feature that enters, not one per feature tested.
 
-Two faster paths for small and medium problems (up to 512 features), each checked by the same certificate
-and falling back to the homotopy when it fails: an active-set jump (a primal-dual active-set, or semismooth
-Newton, iteration: guess the optimal support and signs from the prox-gradient fixed point, solve the
-optimality conditions on it, repeat; it lands in one to five rounds when it lands) and, where it does not
-land, a per-class homotopy (each class follows its own path, which avoids the lock-step's bookkeeping over
-all classes, the whole cost of a small problem). Above 512 features the lock-step homotopy is kept: one
-product per step serves every class. ``tests/test_lasso.py`` checks all three paths against the optimum
-found by trying every face of the L1 ball on tiny problems, and against each other and SPAMS on the
-benchmark's families.
+How the time is spent, and why part of it is compiled. The homotopy's work is small (one event per feature
+that enters or leaves a support, each one pass over the stored columns of the active features), and on the
+benchmark's problems (milliseconds each) the cost was Python's overhead per event: some thirty array
+operations of a few microseconds each, which left the numpy homotopy 5-40 times slower than SPAMS's C++ on
+the families above (median 9x), and 5 times slower at m = 1000 (SPAMS on one thread). So each class's homotopy runs in a
+function compiled with numba (``_path_kernel``, the same events and rules as the lock-step homotopy): per
+event one pass over the stored rows of Q of the active features gives both correlation directions, two
+triangular solves with the Cholesky factor give the path's directions, the factor is bordered by one row
+when a feature enters and updated by a rank-one (Givens) update when one leaves, instead of refactored
+(O(k^2), not O(k^3), per drop). Measured (``benchmarks/bench_lasso.py``): the families' time is then a median
+of about 2x SPAMS's and at most about 6x (the largest ratios are problems SPAMS solves in 20 microseconds,
+where the certificate's own products cost more), and at m = 1000-4000 it is faster than SPAMS. The kernel
+calls no BLAS, so its rounding depends neither on the OpenBLAS kernel nor on the thread count; it is
+compiled on the first call on a machine (a few seconds) and cached beside the module.
+
+Each class follows its own path (one call of the kernel): the classes of a lock-step homotopy share one
+product per step, but pay for it with bookkeeping over all classes on every step, the whole cost of a small
+problem. The lock-step homotopy (numpy) is kept for a warm start ``W0``, which it resumes, and for
+``callback``, which sees its iterates. A class whose path is long may take a shortcut, an active-set jump (a
+primal-dual active-set, or semismooth Newton, iteration: guess the optimal support and signs from the
+prox-gradient fixed point, solve the optimality conditions on it, repeat; it lands in one to five rounds
+when it lands), checked by the same certificate and redone by the homotopy when the certificate rejects it.
+It is tried only where it pays: for a class whose path is still going after ``_JUMP_AFTER`` (32) events and
+whose first guess is every feature (the path then runs down to a small lambda, with at least one event per
+independent feature, as where mu approaches the least-squares fit); elsewhere one round of the jump costs
+more than the compiled path. ``tests/test_lasso.py`` checks the paths (default, homotopy only, jump first,
+lock-step) against the optimum found by trying every face of the L1 ball on tiny problems, and against each
+other and SPAMS on the benchmark's families.
 
 The answer is certified, not assumed: after the homotopy, the duality gap of every class is computed from
 the full problem (one product with the rows of Q on the support) and ``converged`` means
@@ -70,7 +88,12 @@ import numpy as np
 from scipy.linalg.blas import dtrsm, dtrsv
 from scipy.linalg.lapack import dpotrf, dpotrs
 from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+from numba import njit
 from threadpoolctl import ThreadpoolController
+
+# The homotopy's per-event work, compiled (numpy semantics for division by zero: the masked quotients are
+# infinities, not errors), cached beside the module so that only the first import on a machine compiles.
+_jit = njit(cache=True, nogil=True, error_model="numpy")
 
 # A feature enters the active set only if its Gram column is not (numerically) in the span of the active
 # ones: the squared distance to that span must exceed this fraction of its squared norm. Scale-free, and far
@@ -368,6 +391,9 @@ def _gram_arrays(gram, q, lsq):
     if q.shape[0] != Q.shape[0] or lsq.shape[0] != q.shape[1]:
         raise ValueError(f"shapes do not match: Q {Q.shape}, q {q.shape} (expected ({Q.shape[0]}, C)), "
                          f"lsq {lsq.shape} (expected ({q.shape[1]},))")
+    if Q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"nothing to select: {Q.shape[0]} features and {q.shape[1]} classes (Q {Q.shape}, "
+                         f"q {q.shape}); the descriptor needs at least one feature and the labels one class")
     return Q, q, lsq
 
 
@@ -640,11 +666,6 @@ class _Homotopy:
                 break
 
 
-# The lock-step homotopy pays for its shared product with bookkeeping over all classes on every step; on a
-# small problem that bookkeeping is the whole cost. Up to this many features, each class follows its own
-# path in :func:`_class_path` (a few array operations per event); above, one product per step serving every
-# class is worth it (it reads and multiplies the rows of Q once for all classes).
-_PER_CLASS_MAX_M = 512
 
 
 class _ClassPaths:
@@ -666,18 +687,36 @@ class _ClassPaths:
         self.idx = [np.zeros(0, dtype=np.intp)] * C
         self.n_iter = 0
         rounds = min(_JUMP_ROUNDS, max_iter) if jump else 0
+        # The jump pays only where the homotopy is long, so each class first follows its (compiled) homotopy
+        # for _JUMP_AFTER events, and only a class whose path goes on tries the jump: where the jump's first
+        # guess is every feature (the prox-gradient point from w = 0, q_i / Q_ii, is inside the ball) the path
+        # runs down to a small lambda, with at least one event per independent feature; elsewhere even one
+        # round of the jump costs more than the whole path.
+        long_path = (np.abs(q[eligible]) / diag[eligible, None]).sum(axis=0) <= mu
         for j in range(C):
+            qj = np.ascontiguousarray(q[:, j])
+            budget = min(_JUMP_AFTER, max_iter) if rounds and long_path[j] else max_iter
+            path = _class_path(Q, diag, eligible, qj, mu, budget, read)
+            if path[3] or budget == max_iter:
+                self._take(j, path)
+                continue
             # Half the tolerance: the certificate of _solve computes the gradient in another order of
             # operations, and at an exact fit the gap is rounding.
-            w, used = _class_jump(Q, diag, eligible, np.ascontiguousarray(q[:, j]), lsq[j], mu, 0.5 * tol,
-                                  f_floor, rounds, read) if rounds else (None, 0)
+            w, used = _class_jump(Q, diag, eligible, qj, lsq[j], mu, 0.5 * tol, f_floor, rounds, read)
             if w is None:
                 self.homotopy([j])
             else:
                 self.W[:, j] = w
                 self.idx[j] = np.flatnonzero(w)
                 self.done[j] = self.jumped[j] = True
-                self.n_iter = max(self.n_iter, used)
+                self.n_iter = max(self.n_iter, path[2] + used)
+
+    def _take(self, j, path) -> None:
+        w, idx, it, done, cycling = path
+        self.W[:, j] = w
+        self.idx[j] = idx
+        self.done[j], self.cycling[j], self.jumped[j] = done, cycling, False
+        self.n_iter = max(self.n_iter, it)
 
     @property
     def nU(self) -> int:
@@ -686,19 +725,16 @@ class _ClassPaths:
     def homotopy(self, classes) -> None:
         """Solve ``classes`` by the homotopy (a jump the certificate rejects is redone this way)."""
         for j in classes:
-            w, idx, it, done, cycling = _class_path(self.Q, self.diag, self.eligible,
-                                                    np.ascontiguousarray(self.q[:, j]), self.mu, self.max_iter,
-                                                    self.read)
-            self.W[:, j] = w
-            self.idx[j] = idx
-            self.done[j], self.cycling[j], self.jumped[j] = done, cycling, False
-            self.n_iter = max(self.n_iter, it)
+            self._take(j, _class_path(self.Q, self.diag, self.eligible, np.ascontiguousarray(self.q[:, j]),
+                                      self.mu, self.max_iter, self.read))
 
 
 # Rounds of the active-set jump (:func:`_class_jump`) tried before the homotopy: it lands in one to five
 # rounds when it lands at all (measured on the problems of benchmarks/lasso_problems.py); beyond that it
 # cycles, and the homotopy, whose work is bounded, takes over.
 _JUMP_ROUNDS = 5
+# Homotopy events of a class before it may try the jump (see _ClassPaths).
+_JUMP_AFTER = 32
 
 
 def _class_jump(Q, diag, eligible, q, lsq, mu, tol, f_floor, rounds, read):
@@ -780,156 +816,280 @@ def _class_jump(Q, diag, eligible, q, lsq, mu, tol, f_floor, rounds, read):
 
 
 def _class_path(Q, diag, eligible, q, mu, max_iter, read):
-    """The lasso homotopy of one class (the same events and rules as :meth:`_Homotopy.step`), written for
-    few array operations per event: the columns of Q of the active features in entry order in one buffer,
-    the Cholesky factor bordered by one row per entry and refactored on a drop, the entering times of both
-    signs in one (2, m) array.
+    """The lasso homotopy of one class (the same events and rules as :meth:`_Homotopy.step`), compiled:
+    see :func:`_path_kernel`. Returns ``(w, idx, iterations, done, cycling)``; ``read`` (bool, per feature)
+    is set for every row of Q read. The iterations count as in the lock-step homotopy: one per event, plus
+    the one that ends the path."""
+    w, idx, it, done, cycling = _path_kernel(_rows_of(Q), diag, eligible, q, float(mu), int(max_iter), read,
+                                             _DEPENDENT)
+    return w, idx, int(it), bool(done), bool(cycling)
 
-    Returns ``(w, idx, iterations, done, cycling)``; ``read`` (bool, per feature) is set for every row of Q
-    read. The iterations count as in the lock-step homotopy: one per event, plus the one that ends the path.
-    """
+
+def _rows_of(Q) -> np.ndarray:
+    """``Q`` as a C-contiguous float64 ndarray whose rows the kernel reads (Q is symmetric, so the transpose
+    of a Fortran-ordered Q serves without a copy)."""
+    if type(Q) is np.ndarray and Q.dtype == np.float64:
+        if Q.flags.c_contiguous:
+            return Q
+        if Q.flags.f_contiguous:
+            return Q.T
+    return np.ascontiguousarray(Q, dtype=np.float64)
+
+
+@_jit
+def _solve_factor(R, k, b0, b1):
+    """Overwrite ``b0``, ``b1`` (their first k entries) with ``(R R^T)^-1 b``: R lower triangular, row-major."""
+    for r in range(k):  # R y = b
+        s0, s1 = b0[r], b1[r]
+        for c in range(r):
+            s0 -= R[r, c] * b0[c]
+            s1 -= R[r, c] * b1[c]
+        b0[r], b1[r] = s0 / R[r, r], s1 / R[r, r]
+    for r in range(k - 1, -1, -1):  # R^T x = y, by columns of R^T (rows of R: contiguous)
+        b0[r] /= R[r, r]
+        b1[r] /= R[r, r]
+        for c in range(r):
+            b0[c] -= R[r, c] * b0[r]
+            b1[c] -= R[r, c] * b1[r]
+
+
+@_jit
+def _forward(R, k, QA, i, out):
+    """``out[:k] = R^-1 Q[idx, i]`` (the row the factor gains when feature i enters) and ``||out||^2``;
+    ``Q[idx, i]`` is column i of the stored rows QA (Q symmetric)."""
+    norm = 0.0
+    for r in range(k):
+        s = QA[r, i]
+        for c in range(r):
+            s -= R[r, c] * out[c]
+        out[r] = s / R[r, r]
+        norm += out[r] * out[r]
+    return norm
+
+
+@_jit
+def _path_kernel(Q, diag, eligible, q, mu, max_iter, read, dependent):
+    """The homotopy of :func:`_class_path`, as loops: per event, one pass over the stored rows of Q of the
+    active features (``QA``, in entry order) gives both correlation directions, two triangular solves with
+    the Cholesky factor ``R`` of ``Q_AA`` give the directions, and the factor is bordered by one row when a
+    feature enters and updated by a rank-one (Givens) update when one leaves (removing row and column p of
+    ``Q_AA`` leaves the trailing block of the factor short of the outer product of its column p)."""
     m = q.size
     ninf = -np.inf
-    shut = ~eligible  # not a candidate: ineligible, active, or blocked (dependent on the active set)
-    QA = np.empty((m, min(m, 16)), order="F")
-    idx_buf = np.zeros(m, dtype=np.intp)  # active features in entry order, and their signs
-    rhs = np.zeros((m, 2), order="F")  # (q_A, s) in the same order
-    R = np.zeros((0, 0), order="F")
-    sig = np.array([[1.0], [-1.0]])
+    shut = np.logical_not(eligible)  # not a candidate: ineligible, active, or blocked (dependent on the active set)
+    cap = min(m, 16)
+    QA = np.empty((cap, m))
+    R = np.zeros((cap, cap))
+    idx = np.zeros(m, dtype=np.int64)  # active features in entry order, their q and signs
+    qa = np.zeros(m)
+    sg = np.zeros(m)
+    u = np.zeros(m)
+    dw = np.zeros(m)
+    ku = -1  # rows of the directions (u, dw) of the last event; -1: none yet
+    c0 = np.empty(m)
+    c1 = np.empty(m)
+    t0 = np.empty(m)
+    t1 = np.empty(m)
+    t_in = np.empty(m)
+    ell = np.empty(m)
+    e = np.empty(m)
+    x = np.empty(m)
+    absq = np.where(eligible, np.abs(q), 0.0)
     k = 0
     lam = np.inf
+    at = 0.0
     it = 0
-    last_added = last_dropped = -1
+    last_added = -1
+    last_dropped = -1
     dropped_sign = 0.0
     steps_at_lam = 0
-    absq = np.where(eligible, np.abs(q), 0.0)
-    U, at = None, 0.0  # the directions of the last event and its lambda: w = U[:, 0] - at U[:, 1]
-
-    def answer():
-        w = np.zeros(m)
-        if U is not None and k:
-            w[idx_buf[:U.shape[0]]] = U[:, 0] - at * U[:, 1]
-        return w
-
-    def insert(i, sign, ell):
-        nonlocal QA, R, k
-        if k == QA.shape[1]:  # amortised growth
-            grown = np.empty((m, min(m, 2 * k)), order="F")
-            grown[:, :k] = QA
-            QA = grown
-        QA[:, k] = Q[i]  # Q symmetric: its row i is its column i
-        read[i] = True
-        new = np.zeros((k + 1, k + 1), order="F")
-        new[:k, :k] = R
-        new[k, :k] = ell
-        new[k, k] = np.sqrt(diag[i] - ell @ ell)
-        R = new
-        idx_buf[k] = i
-        rhs[k] = q[i], sign
-        shut[i] = True
-        k += 1
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # the masked quotients only
+    while True:
+        if k == 0:  # the start, or every feature left (only through rounding): from w = 0
+            i = int(np.argmax(absq))
+            if absq[i] <= 0:  # no feature correlates with the class: w = 0 is optimal
+                return np.zeros(m), idx[:0].copy(), it, True, False
+            lam = min(lam, absq[i])
+            QA[0] = Q[i]
+            read[i] = True
+            R[0, 0] = np.sqrt(diag[i])
+            idx[0], qa[0], sg[0] = i, q[i], np.sign(q[i])
+            shut[i] = True
+            k = 1
+            last_added = i
+            ku = -1
+        if it >= max_iter:
+            return _answer(m, idx, u, dw, ku, at), idx[:k].copy(), it, False, False
+        it += 1
+        for r in range(k):
+            u[r], dw[r] = qa[r], sg[r]
+        _solve_factor(R, k, u, dw)
+        ku = k
+        # B = Q_A^T (u, dw): c(lambda') = (q - B0) + lambda' B1
+        c0[:] = 0.0
+        c1[:] = 0.0
+        for p in range(k):
+            up, dp = u[p], dw[p]
+            row = QA[p]
+            for r in range(m):
+                c0[r] += row[r] * up
+                c1[r] += row[r] * dp
+        # Entering (t0: sign +1, t1: sign -1): sigma c_i(lambda') = lambda' at sigma b_i / (1 - sigma a_i)
+        # when the denominator is positive (otherwise |c_i| falls at least as fast as lambda); a feature
+        # already above lambda (rounding at a tie) enters now.
+        for r in range(m):
+            b = q[r] - c0[r]
+            a = c1[r]
+            den = 1.0 - a
+            t = b / den
+            if den <= 0.0:
+                t = ninf
+            if b > lam * den:
+                t = lam
+            t0[r] = t
+            den = 1.0 + a
+            t = -b / den
+            if den <= 0.0:
+                t = ninf
+            if -b > lam * den:
+                t = lam
+            t1[r] = t
+        if last_dropped >= 0:  # no re-entry at once with the sign it left with (rounding at a tie)
+            if dropped_sign > 0:
+                if not t0[last_dropped] < lam * (1 - 1e-9):
+                    t0[last_dropped] = ninf
+            elif not t1[last_dropped] < lam * (1 - 1e-9):
+                t1[last_dropped] = ninf
+        for r in range(m):
+            t_in[r] = ninf if shut[r] else max(t0[r], t1[r])
+        # The L1 norm s^T (u - lambda dw) reaches mu at lam_mu; w_i with s_i dw_i < 0 reaches zero at
+        # u_i / dw_i (not the feature that just entered at zero, always the last).
+        su = 0.0
+        nd = 0.0
+        for r in range(k):
+            su += sg[r] * u[r]
+            nd += sg[r] * dw[r]
+        lam_mu = (su - mu) / nd if nd > 0 else ninf
+        p_drop = 0
+        drop = ninf
+        for r in range(k):
+            if sg[r] * dw[r] < 0 and not (last_added >= 0 and r == k - 1):
+                t = u[r] / dw[r]
+                if t > drop:
+                    drop, p_drop = t, r
+        drop = min(drop, lam)
+        tested = False
+        entering = False
+        i = 0
+        event = 0.0
+        d2 = 0.0
         while True:
-            if not k:  # the start, or every feature left (only through rounding): from w = 0
-                i = int(np.argmax(absq))
-                if absq[i] <= 0:  # no feature correlates with the class: w = 0 is optimal
-                    return np.zeros(m), idx_buf[:0].copy(), it, True, False
-                lam = min(lam, float(absq[i]))
-                insert(i, float(np.sign(q[i])), np.zeros(0))
-                last_added = i
-                U = None
-            if it >= max_iter:
-                return answer(), idx_buf[:k].copy(), it, False, False
-            it += 1
-            idx = idx_buf[:k]
-            U = dpotrs(R, rhs[:k], lower=1)[0]
-            u, dw = U[:, 0], U[:, 1]
-            B = QA[:, :k] @ U
-            # Entering (row 0: sign +1, row 1: sign -1): sigma c_i(lambda') = lambda' at
-            # sigma b_i / (1 - sigma a_i) when the denominator is positive (otherwise |c_i| falls at least as
-            # fast as lambda); a feature already above lambda (rounding at a tie) enters now.
-            num = sig * (q - B[:, 0])
-            den = 1.0 - sig * B[:, 1]
-            t = num / den
-            t[den <= 0.0] = ninf
-            t[num > lam * den] = lam
-            if last_dropped >= 0:  # no re-entry at once with the sign it left with (rounding at a tie)
-                row = 0 if dropped_sign > 0 else 1
-                if not t[row, last_dropped] < lam * (1 - 1e-9):
-                    t[row, last_dropped] = ninf
-            t_in = t.max(axis=0)
-            t_in[shut] = ninf
-            # The L1 norm s^T (u - lambda dw) reaches mu at lam_mu; w_i with s_i dw_i < 0 reaches zero at
-            # u_i / dw_i (not the feature that just entered at zero, always the last).
-            s = rhs[:k, 1]
-            su, nd = s @ U
-            lam_mu = (su - mu) / nd if nd > 0 else ninf
-            t_drop = np.where(s * dw < 0, u / dw, ninf)
-            if last_added >= 0:
-                t_drop[k - 1] = ninf
-            p_drop = int(np.argmax(t_drop))
-            drop = min(float(t_drop[p_drop]), lam)
-            tested = False
-            while True:
-                i = int(np.argmax(t_in))
-                lam_in = float(t_in[i])
-                event = max(drop, lam_in, 0.0)
-                if lam_mu >= event or event <= 0.0:
-                    at = min(max(lam_mu, 0.0), lam)
-                    # one step of iterative refinement against Q itself, for the final answer
-                    U = U + dpotrs(R, rhs[:k] - QA[idx, :k] @ U, lower=1)[0]
-                    w = answer()
-                    norm = np.abs(w).sum()
-                    if norm > mu:  # rounding: the solution is on the sphere, a few ulps out
-                        w *= mu / norm
-                    return w, idx.copy(), it, True, False
-                entering = drop < lam_in
-                if entering:
-                    ell = dtrsv(R, QA[i, :k], lower=1)
-                    if not diag[i] - ell @ ell > _DEPENDENT * diag[i]:
-                        # In the span of the active features (see _Homotopy.step): test every candidate at
-                        # once, block the dependent until the next drop, pick again.
-                        cand = np.array([i]) if tested else np.flatnonzero(t_in > ninf)
-                        E = dtrsm(1.0, R, QA[cand, :k].T, lower=1)
-                        dep = cand[~(diag[cand] - np.einsum("ij,ij->j", E, E) > _DEPENDENT * diag[cand])]
-                        shut[dep] = True
-                        t_in[dep] = ninf
-                        tested = True
-                        continue
-                break
-            steps_at_lam = steps_at_lam + 1 if event >= lam else 0
-            if steps_at_lam > 2 * m + 10:  # cycling among ties: the certificate decides
-                at = lam  # the point of the previous event, on these directions
-                return answer(), idx.copy(), it, True, True
-            at = lam = event
-            last_added = last_dropped = -1
+            i = int(np.argmax(t_in))
+            lam_in = t_in[i]
+            event = max(drop, lam_in, 0.0)
+            if lam_mu >= event or event <= 0.0:
+                at = min(max(lam_mu, 0.0), lam)
+                # one step of iterative refinement against Q itself, for the final answer
+                for r in range(k):
+                    s0, s1 = qa[r], sg[r]
+                    for c in range(k):
+                        v = QA[r, idx[c]]
+                        s0 -= v * u[c]
+                        s1 -= v * dw[c]
+                    e[r], x[r] = s0, s1
+                _solve_factor(R, k, e, x)
+                for r in range(k):
+                    u[r] += e[r]
+                    dw[r] += x[r]
+                w = _answer(m, idx, u, dw, ku, at)
+                norm = np.abs(w).sum()
+                if norm > mu:  # rounding: the solution is on the sphere, a few ulps out
+                    w *= mu / norm
+                return w, idx[:k].copy(), it, True, False
+            entering = drop < lam_in
             if entering:
-                insert(i, 1.0 if t[0, i] >= t[1, i] else -1.0, ell)
-                last_added = i
-            else:
-                i = int(idx[p_drop])
-                dropped_sign = float(rhs[p_drop, 1])
-                last_dropped = i
-                # the point of this event, before the support shrinks (the dropped weight is zero there)
-                w_now = U[:, 0] - event * U[:, 1]
-                idx_buf[p_drop:k - 1] = idx_buf[p_drop + 1:k]
-                rhs[p_drop:k - 1] = rhs[p_drop + 1:k]
-                QA[:, p_drop:k - 1] = QA[:, p_drop + 1:k]
-                k -= 1
-                U = np.delete(U, p_drop, axis=0)
-                U[:, 0] = np.delete(w_now, p_drop)
-                U[:, 1] = 0.0
-                at = 0.0
-                shut[:] = ~eligible  # a feature dependent on the old set may not be on the smaller one
-                shut[idx_buf[:k]] = True
-                if k:
-                    # a principal submatrix of a positive definite matrix: refactor (drops are rare)
-                    R, info = dpotrf(QA[idx_buf[:k], :k], lower=1, clean=1)
-                    if info != 0:  # lost definiteness to rounding: stop, the certificate will tell
-                        return answer(), idx_buf[:k].copy(), it, True, True
-                else:
-                    R = np.zeros((0, 0), order="F")
+                d2 = _forward(R, k, QA, i, ell)
+                if not diag[i] - d2 > dependent * diag[i]:
+                    # In the span of the active features (see _Homotopy.step): test every candidate at
+                    # once, block the dependent until the next drop, pick again.
+                    for c in range(m):
+                        if (c == i) if tested else t_in[c] > ninf:
+                            if not diag[c] - _forward(R, k, QA, c, e) > dependent * diag[c]:
+                                shut[c] = True
+                                t_in[c] = ninf
+                    tested = True
+                    continue
+            break
+        steps_at_lam = steps_at_lam + 1 if event >= lam else 0
+        if steps_at_lam > 2 * m + 10:  # cycling among ties: the certificate decides
+            at = lam  # the point of the previous event, on these directions
+            return _answer(m, idx, u, dw, ku, at), idx[:k].copy(), it, True, True
+        at = lam = event
+        last_added = last_dropped = -1
+        if entering:
+            if k == cap:  # amortised growth
+                cap = min(m, 2 * cap)
+                grown = np.empty((cap, m))
+                grown[:k] = QA[:k]
+                QA = grown
+                grownR = np.zeros((cap, cap))
+                grownR[:k, :k] = R[:k, :k]
+                R = grownR
+            QA[k] = Q[i]  # Q symmetric: its row i is its column i
+            read[i] = True
+            for c in range(k):
+                R[k, c] = ell[c]
+            R[k, k] = np.sqrt(diag[i] - d2)
+            idx[k], qa[k], sg[k] = i, q[i], (1.0 if t0[i] >= t1[i] else -1.0)
+            shut[i] = True
+            k += 1
+            last_added = i
+        else:
+            i = idx[p_drop]
+            dropped_sign = sg[p_drop]
+            last_dropped = i
+            # the point of this event, before the support shrinks (the dropped weight is zero there)
+            for r in range(k):
+                u[r] -= event * dw[r]
+            n = k - 1 - p_drop
+            for r in range(n):
+                x[r] = R[p_drop + 1 + r, p_drop]
+            for r in range(p_drop, k - 1):
+                idx[r], qa[r], sg[r], u[r] = idx[r + 1], qa[r + 1], sg[r + 1], u[r + 1]
+                QA[r] = QA[r + 1]
+                for c in range(p_drop):
+                    R[r, c] = R[r + 1, c]
+                for c in range(p_drop, r + 1):
+                    R[r, c] = R[r + 1, c + 1]
+            for c in range(k):
+                R[k - 1, c] = 0.0
+                R[c, k - 1] = 0.0
+            k -= 1
+            # the trailing block L33 of the factor becomes the factor of L33 L33^T + x x^T
+            for j in range(n):
+                jj = p_drop + j
+                d = R[jj, jj]
+                rr = np.sqrt(d * d + x[j] * x[j])
+                cs, sn = rr / d, x[j] / d
+                R[jj, jj] = rr
+                for r in range(j + 1, n):
+                    R[p_drop + r, jj] = (R[p_drop + r, jj] + sn * x[r]) / cs
+                    x[r] = cs * x[r] - sn * R[p_drop + r, jj]
+            for r in range(k):
+                dw[r] = 0.0
+            ku = k
+            at = 0.0
+            shut[:] = np.logical_not(eligible)  # a feature dependent on the old set may not be on the smaller one
+            for r in range(k):
+                shut[idx[r]] = True
+
+
+@_jit
+def _answer(m, idx, u, dw, ku, at):
+    """The weights ``u - at dw`` on the support of the directions of the last event."""
+    w = np.zeros(m)
+    for r in range(max(ku, 0)):
+        w[idx[r]] = u[r] - at * dw[r]
+    return w
 
 
 @functools.cache
@@ -938,13 +1098,39 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+@functools.cache
+def _blas_libraries() -> tuple:
+    return tuple(_blas_controller().select(user_api="blas").lib_controllers)
+
+
+class _OneBlasThread:
+    """One BLAS thread inside the ``with`` block, the old counts restored after: what threadpoolctl's
+    ``limit(limits=1, user_api="blas")`` does, without listing the libraries again on every call (which costs
+    more than solving a small problem)."""
+
+    def __enter__(self):
+        self.old = [(lib, lib.num_threads) for lib in _blas_libraries()]
+        for lib, n in self.old:
+            if n != 1:
+                lib.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in self.old:
+            if n != 1:
+                lib.set_num_threads(n)
+        return False
+
+
 def _full_gap(Q, q, lsq, mu, W):
     """Objective (1/2 convention), gap and relative gap of the full problem, reading the rows of Q where W
     is nonzero only."""
-    U = np.flatnonzero(np.any(W != 0, axis=1))
-    G = Q[U].T @ W[U] - q  # Q symmetric: the rows U of Q are its columns U
-    f = 0.5 * np.einsum("ij,ij->j", W[U], G[U] - q[U]) + 0.5 * lsq
-    gap = np.maximum(np.einsum("ij,ij->j", W[U], G[U]) + mu * np.abs(G).max(axis=0), 0.0)
+    U = np.flatnonzero(W.any(axis=1))
+    WU = W[U]
+    G = Q[U].T @ WU - q  # Q symmetric: the rows U of Q are its columns U
+    GU = G[U]
+    f = 0.5 * np.einsum("ij,ij->j", WU, GU - q[U]) + 0.5 * lsq
+    gap = np.maximum(np.einsum("ij,ij->j", WU, GU) + mu * np.abs(G).max(axis=0), 0.0)
     return f, gap, gap / np.maximum(f, FIT_FLOOR * 0.5 * lsq.sum())
 
 
@@ -1016,7 +1202,7 @@ def solve_mu_lasso(gram, mu: float = 10.0, *, q=None, lsq=None, tol: float = 1e-
         W0 = _project(W0, mu)
     # The iterations are small products and triangular solves; a second BLAS thread only adds
     # synchronisation, and one thread makes the result independent of the thread count.
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _OneBlasThread():
         res = _solve(Q, q, lsq, mu, float(tol), int(max_iter), W0, callback)
     if not res.converged:
         warnings.warn(res.message, ConvergenceWarning, stacklevel=2)
@@ -1027,7 +1213,7 @@ def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback, per_class=None) -> MuLass
     """The homotopies of all classes in lock-step and the certificate; inputs checked."""
     m, C = q.shape
     if per_class is None:
-        per_class = W0 is None and callback is None and m <= _PER_CLASS_MAX_M
+        per_class = W0 is None and callback is None
     if per_class:
         path = _ClassPaths(Q, q, lsq, mu, tol, max_iter)
         it = path.n_iter
@@ -1041,7 +1227,7 @@ def _solve(Q, q, lsq, mu, tol, max_iter, W0, callback, per_class=None) -> MuLass
                 callback(it, path.W.copy(), _full_gap(Q, q, lsq, mu, path.W)[2])
     W = path.W
     f, gap, rel = _full_gap(Q, q, lsq, mu, W)
-    if per_class:
+    if per_class and path.jumped.any():
         redo = np.flatnonzero((rel > tol) & path.jumped)
         if redo.size:
             path.homotopy(redo)
