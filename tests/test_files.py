@@ -430,3 +430,15 @@ def test_fetch_removes_the_folder_of_a_killed_fetch(tmp_path, monkeypatch):
     with pytest.raises(data.DataNotFoundError):
         data.fetch_mnist()
     assert list(downloads.iterdir()) == []
+
+
+def test_code_hash_follows_the_imported_code_and_reads_a_file_once_per_version(tmp_path):
+    assert cache.code_hash("vefi.book.studies") == cache.code_hash("vefi.book.studies")
+    assert cache.code_hash("vefi.book.studies") != cache.code_hash("vefi.ablation")  # studies imports more
+    module = tmp_path / "m.py"
+    module.write_text("from vefi.ablation import random_like\nimport vefi.lasso\nimport numpy\n")
+    digest, names = cache._source_facts(module, *cache._stamp(module))
+    assert names == ("vefi.ablation", "vefi.ablation.random_like", "vefi.lasso")
+    module.write_text("from vefi.layers import pair  # another version\n")
+    changed, names = cache._source_facts(module, *cache._stamp(module))
+    assert changed != digest and names == ("vefi.layers", "vefi.layers.pair")

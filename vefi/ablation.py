@@ -127,11 +127,12 @@ def _masked(masks: dict[int, tuple[Layer, torch.Tensor]]):
         groups = mask.shape[0]
         if not isinstance(output, torch.Tensor) or output.shape[0] % groups:
             raise RuntimeError(f"cannot ablate: expected a tensor output whose batch is a multiple of {groups}")
-        shaped = output.reshape(groups, output.shape[0] // groups, *output.shape[1:])
-        m = mask.to(device=output.device, dtype=output.dtype)
-        m = m.reshape(groups, 1, mask.shape[1], *([1] * (output.dim() - 2)))
-        # A new tensor, not an in-place edit: with an in-place ReLU the output aliases the layer's input.
-        return (shaped * m).reshape(output.shape)
+        # one mask row per batch row, broadcast over the positions: the product keeps the output's memory
+        # layout (a channels-last map stays channels-last, where a reshape into groups would copy it to NCHW
+        # and the layers after it would convert it back); a new tensor, not an in-place edit: with an
+        # in-place ReLU the output aliases the layer's input
+        rows = mask.to(device=output.device, dtype=output.dtype).repeat_interleave(output.shape[0] // groups, 0)
+        return output * rows.reshape(*rows.shape, *([1] * (output.dim() - 2)))
 
     return apply
 

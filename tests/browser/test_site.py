@@ -154,6 +154,7 @@ class Page:
     text: str = ""
     stderr: list = field(default_factory=list)
     overflowing: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
 
 
 # Waits for MathJax's first typesetting and for the widget manager to replace each view script by a view.
@@ -199,7 +200,12 @@ const stderr = Array.from(document.querySelectorAll('.output.stderr')).map((e) =
 const overflowing = Array.from(document.querySelectorAll('.cell_output pre'))
     .filter((p) => p.scrollWidth > p.clientWidth + 1)
     .map((p) => (p.textContent.split(String.fromCharCode(10)).find((l) => l.trim()) || '').slice(0, 80));
-return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, text: texts.join(' '),
+// figures of the notebooks' outputs as shown: natural width (pixels of the PNG) and width on the page
+const figures = Array.from(document.querySelectorAll('.cell_output img'))
+    .filter((i) => i.getClientRects().length > 0 && i.naturalWidth > 0 && !i.closest('.vefi-offline-explorer'))
+    .map((i) => ({src: (i.currentSrc || i.src).split('/').pop().slice(0, 60), natural: i.naturalWidth,
+                  shown: i.getBoundingClientRect().width, alt: (i.getAttribute('alt') || '').slice(0, 60)}));
+return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, figures, text: texts.join(' '),
   math: {elements: maths.length, typeset: maths.filter((m) => m.querySelector('mjx-container')).length,
          errors: document.querySelectorAll('mjx-merror').length, mathjax: !!window.MathJax},
   widgets: {views: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
@@ -243,6 +249,7 @@ def _visit(driver, url: str, origin: str) -> Page:
     page.text = info["text"]
     page.stderr = info["stderr"]
     page.overflowing = info["overflowing"]
+    page.figures = info["figures"]
     rel = unquote(urlparse(url).path).strip("/") or "index.html"
     shot = SCREENSHOTS / (rel.replace("/", "__").removesuffix(".html") + ".png")
     shot.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +396,24 @@ def test_printed_outputs_fit_the_column(crawl):
     """A printout wider than the column would hide its end (book/_static/outputs.css wraps them)."""
     wide = {u: p.overflowing for u, p in crawl.items() if p.overflowing}
     assert not wide, f"printed outputs wider than the column, their ends hidden: {json.dumps(wide, indent=1)}"
+
+
+# The book's figures are drawn at matplotlib's 100 dpi with no text under 8 pt (tests/test_figures.py checks
+# the sources): shown at a fraction `scale` of its natural width, 8 pt text is 8 * 100 / 72 * scale pixels
+# high, 8.3 px at the scale below, the least that reads. The column is about 960 px (book/_static/layout.css).
+LEGIBLE_SCALE = 0.75
+
+
+def test_figures_are_not_shrunk_below_a_legible_scale(crawl):
+    """A figure wider than the column is shrunk with its text: 4-5 px labels were seen (issue #14)."""
+    small = {u: [f"{f['src']} ({f['alt'][:40]}): {f['natural']} px shown at {f['shown']:.0f} px "
+                 f"({f['shown'] / f['natural']:.2f})" for f in p.figures if f["shown"] < LEGIBLE_SCALE * f["natural"]]
+             for u, p in crawl.items()}
+    small = {u: f for u, f in small.items() if f}
+    assert not small, (f"figures shrunk below {LEGIBLE_SCALE} of their natural width, their text under 8 px: "
+                       f"draw them at most about {960 / LEGIBLE_SCALE / 100:.0f} inches wide: "
+                       f"{json.dumps(small, indent=1)}")
+    assert any(p.figures for p in crawl.values()), "no figure found in any notebook output: is the page inspected?"
 
 
 def test_no_progress_bar_on_any_page(crawl):

@@ -18,6 +18,7 @@ file only if it is still the file it read, never one that another process has re
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -295,8 +296,6 @@ def code_hash(*modules: str) -> str:
     >>> code_hash("vefi.ablation") == code_hash("vefi.ablation") != code_hash("vefi.lasso")
     True
     """
-    import ast
-
     package = Path(__file__).resolve().parents[1]  # the vefi folder
     seen: dict[str, Path] = {}
     todo = list(modules)
@@ -311,14 +310,30 @@ def code_hash(*modules: str) -> str:
         if found is None:
             continue  # a name imported from a module rather than a module
         seen[name] = found
-        for node in ast.walk(ast.parse(seen[name].read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vefi"):
-                todo.append(node.module)
-                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)
-            elif isinstance(node, ast.Import):
-                todo.extend(alias.name for alias in node.names if alias.name.startswith("vefi"))
+        todo.extend(_source_facts(found, *_stamp(found))[1])
     h = hashlib.sha256()
     for name in sorted(seen):
         h.update(name.encode())
-        h.update(sha256_file(seen[name]).encode())
+        h.update(_source_facts(seen[name], *_stamp(seen[name]))[0].encode())
     return h.hexdigest()[:16]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=None)
+def _source_facts(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """The SHA-256 of a module's file and the vefi modules (or names) it imports; read once per version of the
+    file (its modification time and size), since parsing every module again made each study call slow."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vefi"):
+            names.append(node.module)
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names if alias.name.startswith("vefi"))
+    return sha256_file(path), tuple(names)

@@ -308,12 +308,10 @@ def pretrained(name: str, seed: int = 0, *, architecture: str | None = None) -> 
     stem = _stem(name, seed, architecture)
     path = data_dir() / "models" / f"{stem}-{_cache_key(name, model, data, hp)}.pt"
     parse = (lambda payload: _parse_stored(payload, model))
-    stored, model.weights_origin = read_verified(path, parse), "cache"
+    stored, origin = read_verified(path, parse), "cache"
     if stored is None and not quick_mode():
-        stored, model.weights_origin = _from_shipped(path, parse, stem), "shipped"
-    model.weights_file = path
-    if stored is None:
-        model.weights_origin = "trained"
+        stored, origin = _from_shipped(path, parse, stem), "shipped"
+    model.weights_file, model.weights_origin = path, origin if stored is not None else "trained"
     if stored is not None:
         state, model.history, model.test_accuracy = stored
         model.load_state_dict(state)

@@ -1,0 +1,65 @@
+"""The book's figures are legible in its column: no text under 8 pt, no figure wider than 12 inches.
+
+Checked in the sources (the notebooks' code and the library's plotting code), where a size is written; what
+a size computed at run time gives is checked on the built page (tests/browser: a figure shown below 0.75 of
+its natural width fails there).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIN_POINTS = 8
+MAX_INCHES = 12
+# matplotlib's named sizes, as multiples of the default 10 pt
+_NAMED = {"xx-small": 0.579, "x-small": 0.694, "small": 0.833, "medium": 1.0, "large": 1.2, "x-large": 1.44,
+          "xx-large": 1.728, "larger": 1.2, "smaller": 0.833}
+_SIZE = re.compile(r"""\b(?:fontsize|labelsize|titlesize)\s*[=:]\s*(?:(\d+(?:\.\d+)?)\b|["']([a-z-]+)["'])""")
+_PROP_SIZE = re.compile(r"""["']size["']\s*:\s*(\d+(?:\.\d+)?)""")
+_FIGSIZE = re.compile(r"figsize\s*=\s*\(\s*(\d+(?:\.\d+)?)\s*,")
+
+
+def _sources():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] == "code":
+                yield f"{path.name}[{i}]", "".join(cell["source"])
+    for path in [ROOT / "vefi" / "plotting.py", *sorted((ROOT / "vefi" / "book").glob("*.py"))]:
+        yield str(path.relative_to(ROOT)), path.read_text()
+
+
+def _points(number, name):
+    return float(number) if number else 10 * _NAMED.get(name, 1.0)
+
+
+def _text_sizes(text):
+    for match in _SIZE.finditer(text):
+        line = text[:match.start()].count("\n") + 1
+        if match.group(2) and match.group(2) not in _NAMED:
+            continue  # not a size matplotlib knows: its own error says so
+        yield line, match.group(0), _points(match.group(1), match.group(2))
+    for match in _PROP_SIZE.finditer(text):
+        yield text[:match.start()].count("\n") + 1, match.group(0), float(match.group(1))
+
+
+def test_no_text_under_8_points():
+    small = [f"{where}, line {line}: {found}" for where, text in _sources()
+             for line, found, points in _text_sizes(text) if points < MIN_POINTS]
+    assert not small, f"text under {MIN_POINTS} pt, illegible once the figure is in the column: {small}"
+
+
+def test_no_figure_wider_than_12_inches():
+    wide = [f"{where}: {m.group(0)}" for where, text in _sources() for m in _FIGSIZE.finditer(text)
+            if float(m.group(1)) > MAX_INCHES]
+    assert not wide, f"figures wider than {MAX_INCHES} in (shrunk below a legible scale in the column): {wide}"
+
+
+@pytest.mark.parametrize("text, expected", [("ax.set_title(t, fontsize=7)", [7.0]), ("fontsize='x-small'", [6.94]),
+                                            ("image_grid(x, size=1.6)", []), ('prop={"size": 6}', [6.0]),
+                                            ("labelsize=9", [9.0])])
+def test_the_checks_see_what_they_should(text, expected):
+    assert [round(p, 2) for _, _, p in _text_sizes(text)] == expected
