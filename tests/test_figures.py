@@ -28,8 +28,10 @@ def _sources():
         for i, cell in enumerate(cells):
             if cell["cell_type"] == "code":
                 yield f"{path.name}[{i}]", "".join(cell["source"])
-    for path in [ROOT / "vefi" / "plotting.py", *sorted((ROOT / "vefi" / "book").glob("*.py"))]:
-        yield str(path.relative_to(ROOT)), path.read_text()
+    for path in sorted((ROOT / "vefi").rglob("*.py")):
+        text = path.read_text()
+        if "matplotlib" in text:  # the modules that draw
+            yield str(path.relative_to(ROOT)), text
 
 
 def _points(number, name):

@@ -265,7 +265,7 @@ def average_images_figure(rows: dict, *, classes=None, first_fc: int | None = No
             conv = not a.whole_image if first_fc is None else a.feature.layer_number < first_fc
             colour = LAYER_COLOURS["conv" if conv else "fc"]
             ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_title(f"layer {a.feature.layer_number} #{a.feature.channel}", fontsize=7, color=colour)
+            ax.set_title(f"layer {a.feature.layer_number} #{a.feature.channel}", fontsize=8, color=colour)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5)

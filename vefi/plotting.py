@@ -85,19 +85,30 @@ def masks_figure(images, masks, parts, part_names: Sequence[str], titles: Sequen
     return fig
 
 
-def confusion_figure(confusions: dict[str, np.ndarray], classes: dict[str, Sequence[str]]):
-    """Row-normalised confusion matrices side by side (rows: true class, columns: predicted)."""
-    fig, axes = plt.subplots(1, len(confusions), figsize=(4.2 * len(confusions), 4.4), squeeze=False)
-    for ax, (name, confusion) in zip(axes[0], confusions.items()):
+def confusion_figure(confusions: dict[str, np.ndarray], classes: dict[str, Sequence[str]], *, ncols: int = 2,
+                     size: float = 4.6):
+    """Row-normalised confusion matrices (rows: true class, columns: predicted), ``ncols`` to a row, with one
+    shared colour bar from 0 to 1: the share of a true class's images given each predicted class."""
+    n = len(confusions)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1.2, (size + 0.4) * nrows), squeeze=False,
+                             layout="constrained")
+    shown = None
+    for ax, (name, confusion) in zip(axes.flat, confusions.items()):
         rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
         ticks = np.arange(len(classes[name]))
-        ax.set_xticks(ticks, classes[name], rotation=90, fontsize=6)
-        ax.set_yticks(ticks, classes[name], fontsize=6)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.set_xticks(ticks, classes[name], rotation=90, fontsize=8)
+        ax.set_yticks(ticks, classes[name], fontsize=8)
+        ax.set_xlabel("predicted class", fontsize=9)
+        ax.set_ylabel("true class", fontsize=9)
         ax.set_title(name, fontsize=10)
-    fig.tight_layout()
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes, shrink=0.6, label="share of the true class's images")
+        bar.ax.tick_params(labelsize=8)
     return fig
 
 
