@@ -92,3 +92,19 @@ def test_an_unknown_layer_of_a_large_model_names_the_closest():
     assert "'3.0'" not in str(err.value)
     with pytest.raises(ValueError, match=rf"unknown layer 'zzz'; this model has {len(layers)} layers"):
         resolve_layer(layers, "zzz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_isfinite_all(dtype):
+    """The check every tool makes on every batch, against torch's own (slow on a multi-threaded CPU)."""
+    from vefi._tensors import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.zeros(0, dtype=dtype), torch.rand(3, 4).to(dtype), torch.full((1000,), big, dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.rand(2, 3, 5).to(dtype)
+        t[1, 2, 3] = bad
+        cases.append(t)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+    assert all_finite(torch.arange(5)) and all_finite(torch.tensor([True]))

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import gradients_on, preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer, tapped
 from vefi.perturbation import blur
 
@@ -304,7 +305,7 @@ def activation_maximisation(model: nn.Module, targets, *, steps: int = 200, lr: 
             start = start.unsqueeze(0).expand(n, *start.shape)
         if tuple(start.shape) != (n, *shape):
             raise ValueError(f"start must have shape {(n, *shape)} (one image per target), got {tuple(start.shape)}")
-        if not start.is_floating_point() or not torch.isfinite(start).all():
+        if not start.is_floating_point() or not all_finite(start):
             raise ValueError("start must be floating point without NaN or Inf")
     # the images come back on the CPU: the start goes to the model's device and dtype
     start = check_images(start.detach(), shape, model=model, convert=True)

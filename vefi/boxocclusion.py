@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vefi._model_state import preserved
+from vefi._tensors import all_finite
 from vefi.targets import class_indices
 
 __all__ = ["BASELINES", "box_masks", "confidence_drop", "default_box", "occlude", "sample_centres"]
@@ -48,7 +49,7 @@ def _weights(heatmaps) -> torch.Tensor:
     if h.dim() != 3:
         raise ValueError(f"heatmaps must have shape (n, H, W) or (H, W), got {tuple(h.shape)}")
     h = h.detach().double()
-    if not torch.isfinite(h).all():
+    if not all_finite(h):
         raise ValueError("heatmaps contain NaN or Inf values")
     flat = h.flatten(1)
     low = flat.min(1, keepdim=True).values

@@ -52,6 +52,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.layers import check_images, check_scores
 from vefi.targets import target_classes
 
@@ -78,7 +79,7 @@ def _check_heatmaps(heatmaps, n: int, size: tuple[int, int]) -> torch.Tensor:
     if tuple(heatmaps.shape) != (n, *size):
         raise ValueError(f"heatmaps must have shape {(n, *size)} (one (H, W) map per image), "
                          f"got {tuple(heatmaps.shape)}")
-    if not torch.isfinite(heatmaps).all():
+    if not all_finite(heatmaps):
         raise ValueError("heatmaps contain NaN or Inf")
     return heatmaps.float()
 
@@ -441,7 +442,7 @@ def continuity(inputs: torch.Tensor, heatmaps: torch.Tensor, *, pairs: str = "al
                          f"got {tuple(heatmaps.shape)}")
     if t < 2:
         raise ValueError(f"a path needs at least 2 inputs, got {t}")
-    if not (torch.isfinite(inputs).all() and torch.isfinite(heatmaps).all()):
+    if not (all_finite(inputs) and all_finite(heatmaps)):
         raise ValueError("inputs or heatmaps contain NaN or Inf")
     if pairs not in ("all", "consecutive"):
         raise ValueError(f"pairs must be 'all' or 'consecutive', got {pairs!r}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.layers import Layer, layer_table, resolve_layer, tapped
 
 __all__ = ["Dissection", "dissect", "iou_from_masks", "unit_thresholds", "detectors"]
@@ -128,7 +129,7 @@ def _activations(model, data, index, layers: list[Layer], batch_size, show_progr
             for lo in progress(range(0, len(index), batch_size), desc="dissection: activations",
                                disable=not show_progress):
                 images = data.batch(index[lo:lo + batch_size]).to(device)
-                if not torch.isfinite(images).all():
+                if not all_finite(images):
                     raise ValueError("images contain NaN or Inf values")
                 model(images)
     return {number: torch.cat(chunks) for number, chunks in captured.items()}

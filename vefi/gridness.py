@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from vefi._tensors import all_finite
 from vefi.backproject import backproject, conv_backproject, strongest_channels
 from vefi.layers import pair
 
@@ -51,7 +52,7 @@ def _check_maps(maps, name="maps") -> torch.Tensor:
         raise ValueError(f"{name} must have shape (..., H, W), got {tuple(maps.shape)}")
     if not maps.is_floating_point():
         maps = maps.double()
-    if not torch.isfinite(maps).all():
+    if not all_finite(maps):
         raise ValueError(f"{name} contain NaN or Inf values")
     return maps
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.descriptors import Feature, descriptors
 from vefi.layers import layer_table, resolve_layer, tapped
 from vefi.plotting import LAYER_COLOURS, to_display
@@ -150,7 +151,7 @@ def average_images(model: nn.Module, data, features, *, top: int = 100, batch_si
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
             raise ValueError(f"data must be images (N, C, H, W), got shape {tuple(data.shape)}")
-        if data.is_floating_point() and not torch.isfinite(data).all():
+        if data.is_floating_point() and not all_finite(data):
             raise ValueError("data contain NaN or Inf values")
     data = _indexable(data)
     n = len(data)

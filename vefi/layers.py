@@ -32,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vefi._model_state import preserved
+from vefi._tensors import all_finite
 
 __all__ = ["Layer", "layer_kind", "layer_table", "resolve_layer", "tapped", "channel_axes", "check_channel_first",
            "check_images", "check_scores", "pair", "channel_window", "local_response_norm"]
@@ -496,7 +497,7 @@ def check_images(images, expected=None, *, model: nn.Module | None = None, conve
         elif images.device != device:
             raise ValueError(f"images are on device {images.device} but the model is on {device}: pass "
                              f"images.to({str(device)!r}) (or move the model, model.to({str(images.device)!r}))")
-    if images.device.type != "meta" and not torch.isfinite(images).all():
+    if images.device.type != "meta" and not all_finite(images):
         raise ValueError("images contain NaN or Inf values")
     return images
 

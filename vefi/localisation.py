@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.targets import resolve_target
 
 __all__ = ["THRESHOLDS", "area_under_curve", "iou_curve", "method_heatmaps"]
@@ -51,7 +52,7 @@ def _as_heatmaps(heatmaps) -> torch.Tensor:
         raise ValueError(f"heatmaps must have shape (n, H, W) or (H, W), got {tuple(h.shape)}")
     if not h.is_floating_point():
         h = h.float()
-    if not torch.isfinite(h).all():
+    if not all_finite(h):
         raise ValueError("heatmaps contain NaN or Inf values")
     return h
 
@@ -90,7 +91,7 @@ def iou_curve(heatmaps, masks, thresholds: Sequence[float] = THRESHOLDS, *, norm
     if g.shape != h.shape:
         raise ValueError(f"masks must have the heatmaps' shape {tuple(h.shape)}, got {tuple(g.shape)}")
     t = torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).reshape(-1)
-    if t.numel() == 0 or not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+    if t.numel() == 0 or not all_finite(t) or t.min() < 0 or t.max() > 1:
         raise ValueError(f"thresholds must be a non-empty sequence in [0, 1], got {np.asarray(thresholds)}")
     if normalise:
         from vefi.heatmaps import normalise as _normalise

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vefi._model_state import gradients_on, preserved
+from vefi._tensors import all_finite
 from vefi.backproject import NonlinearityGuard
 from vefi.layers import check_images
 from vefi.targets import resolve_target
@@ -366,7 +367,7 @@ def _check_numbers(epsilon, stabilizer, low, high, image_shape) -> None:
         except RuntimeError:
             raise ValueError(f"{name} must be broadcastable to one image {image_shape}, got shape "
                              f"{tuple(value.shape)}") from None
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise ValueError(f"{name} (the input box of the z^B rule) must be finite, got NaN or Inf")
         bounds.append(value)
     if (bounds[0] > bounds[1]).any():

@@ -36,6 +36,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.layers import check_images
 from vefi.targets import resolve_target
 
@@ -112,7 +113,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, target=None, *, window=8, 
     if wh > height or ww > width:
         raise ValueError(f"the occlusion window {(wh, ww)} is larger than the image {(height, width)}")
     baseline = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
-    if not torch.isfinite(baseline).all():
+    if not all_finite(baseline):
         raise ValueError("baseline contains NaN or Inf")
     baseline = baseline.expand(channels, height, width)
     masks = torch.zeros(len(window_positions(height, wh, sh)) * len(window_positions(width, ww, sw)),

@@ -37,6 +37,7 @@ from torch import nn
 
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.layers import Layer, check_images, layer_table, resolve_layer
 from vefi.targets import target_classes
 
@@ -59,7 +60,7 @@ def _pair(a, b, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} needs heatmaps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.ndim < 2:
         raise ValueError(f"{name} needs heatmaps of shape (H, W) or (n, H, W), got {tuple(a.shape)}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (all_finite(a) and all_finite(b)):
         raise ValueError(f"{name}: heatmaps contain NaN or Inf")
     return a.double(), b.double()
 

@@ -32,6 +32,7 @@ from torch import nn
 import vefi
 from vefi._model_state import preserved
 from vefi._progress import progress
+from vefi._tensors import all_finite
 from vefi.book._cache import atomic_write, read_verified, sha256_file, write_verified
 from vefi.book.config import data_dir, quick_mode
 from vefi.book.data import ImageSet, dataset_info, load_dataset
@@ -247,7 +248,7 @@ def _parse_stored(payload: bytes, model: nn.Module) -> tuple[dict, list, float]:
         if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
             what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
             raise ValueError(f"weight {key} is {what}, expected {tuple(value.shape)} {value.dtype}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        if got.is_floating_point() and not all_finite(got):
             raise ValueError(f"weight {key} is not finite")
     if not isinstance(history, list) or not 0 <= accuracy <= 1:
         raise ValueError(f"its history or test accuracy ({accuracy}) is not what training records")
