@@ -200,8 +200,8 @@ const stderr = Array.from(document.querySelectorAll('.output.stderr')).map((e) =
 const overflowing = Array.from(document.querySelectorAll('.cell_output pre'))
     .filter((p) => p.scrollWidth > p.clientWidth + 1)
     .map((p) => (p.textContent.split(String.fromCharCode(10)).find((l) => l.trim()) || '').slice(0, 80));
-// figures of the notebooks' outputs as shown: natural width (pixels of the PNG) and width on the page
-const figures = Array.from(document.querySelectorAll('.cell_output img'))
+// figures as shown (glued figures and cell outputs): natural width (pixels of the PNG) and width on the page
+const figures = Array.from(document.querySelectorAll('article figure img, article .cell_output img'))
     .filter((i) => i.getClientRects().length > 0 && i.naturalWidth > 0 && !i.closest('.vefi-offline-explorer'))
     .map((i) => ({src: (i.currentSrc || i.src).split('/').pop().slice(0, 60), natural: i.naturalWidth,
                   shown: i.getBoundingClientRect().width, alt: (i.getAttribute('alt') || '').slice(0, 60)}));
