@@ -160,8 +160,8 @@ def _draw_row(axes, expl: Explanation, i: int, *, label: str | None = None, show
             feature = expl.features[i][j]
             colour = feature_colour(expl, feature)
             ax.imshow(expl.maps[i, j].numpy(), cmap="magma", vmin=0, vmax=1)
-            ax.set_title(f"layer {feature.layer_number} ({'conv' if expl.is_conv(feature) else 'fc'})\n"
-                         f"#{feature.channel}", fontsize=8, color=colour)
+            # the layer's kind in words, the part of the network (convolutional or fully connected) in colour
+            ax.set_title(f"layer {feature.layer_number} {feature.kind}\n#{feature.channel}", fontsize=8, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
