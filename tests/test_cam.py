@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from vefi.cam import cam, default_layer, grad_cam, upsampled_activations
+from vefi.cam import cam, default_layer, grad_cam, grad_cam_parts, upsampled_activations
 from vefi.book.models import build_model
 
 
@@ -157,3 +157,27 @@ def test_model_unchanged_and_no_hooks():
 def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         grad_cam(build_model("mnist"), torch.full((1, 1, 28, 28), float("nan")))
+
+
+def test_grad_cam_parts_are_the_maps_and_their_mean_gradients():
+    """Against a slow reference: the layer's output kept by a hook and the gradient of the predicted class's
+    score with respect to it, by autograd on a plain forward pass."""
+    torch.manual_seed(0)
+    net = build_model("mnist").eval()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    layer, maps, weights = grad_cam_parts(net, x, layer="conv2")
+    kept = {}
+    # the layer's output kept, a copy handed on: the in-place ReLU after conv2 must not overwrite it
+    handle = dict(net.named_modules())["conv2"].register_forward_hook(
+        lambda m, i, o: kept.setdefault("a", o).clone())
+    try:
+        logits = net(x)
+    finally:
+        handle.remove()
+    score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+    (grad,) = torch.autograd.grad(score, kept["a"])
+    assert layer.name == "conv2"
+    torch.testing.assert_close(maps, kept["a"].detach())
+    torch.testing.assert_close(weights, grad.mean((2, 3)))
+    torch.testing.assert_close(grad_cam(net, x, layer="conv2", upsample=False),
+                               (weights[:, :, None, None] * maps).sum(1).clamp(min=0))

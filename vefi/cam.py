@@ -40,7 +40,7 @@ from vefi._model_state import gradients_on, preserved
 from vefi.layers import Layer, check_images, check_scores, layer_table, resolve_layer, tapped
 from vefi.targets import resolve_target
 
-__all__ = ["default_layer", "grad_cam", "cam", "upsampled_activations"]
+__all__ = ["default_layer", "grad_cam", "grad_cam_parts", "cam", "upsampled_activations"]
 
 
 # what Grad-CAM may look at by default: convolutions, normalisations, activations and block outputs (a
@@ -102,6 +102,32 @@ def _upsample(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def grad_cam_parts(model: nn.Module, images: torch.Tensor, target=None, *, layer=None
+                   ) -> tuple[Layer, torch.Tensor, torch.Tensor]:
+    """What Grad-CAM weighs: the layer, its maps :math:`A` (n, K, h, w) and the weights :math:`\\alpha^c`
+    (n, K), each map's average gradient of the target's score. :func:`grad_cam` is
+    :math:`\\mathrm{ReLU}(\\sum_k \\alpha_k A_k)`, upsampled; the parts tell why a map is blank (the weighted
+    sum negative everywhere, so that the ReLU keeps nothing). Arguments as :func:`grad_cam`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from vefi.book.models import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> layer, maps, weights = grad_cam_parts(build_model("mnist"), torch.rand(1, 1, 28, 28), layer="conv2")
+    >>> layer.name, tuple(maps.shape), tuple(weights.shape)
+    ('conv2', (1, 64, 7, 7), (1, 64))
+    """
+    images = check_images(images, model)
+    with preserved(model):
+        chosen = _layer(model, images, layer)
+        with gradients_on(model):
+            logits, a = _activations(model, images, chosen, with_grad=True)
+            target = resolve_target(target, logits)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    return chosen, a.detach(), grad.mean((2, 3))
+
+
 def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
              upsample: bool = True) -> torch.Tensor:
     """Grad-CAM heatmap, (n, H, W) (or (n, h, w) at the layer's resolution with ``upsample=False``).
@@ -126,14 +152,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, *, layer=None,
     torch.Size([1, 7, 7])
     """
     images = check_images(images, model)
-    with preserved(model):
-        chosen = _layer(model, images, layer)
-        with gradients_on(model):
-            logits, a = _activations(model, images, chosen, with_grad=True)
-            target = resolve_target(target, logits)
-            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
-    weights = grad.mean((2, 3), keepdim=True)
-    maps = (weights * a.detach()).sum(1, keepdim=True).clamp(min=0)
+    _, a, weights = grad_cam_parts(model, images, target, layer=layer)
+    maps = (weights[:, :, None, None] * a).sum(1, keepdim=True).clamp(min=0)
     return (_upsample(maps, images.shape[2:]) if upsample else maps)[:, 0]
 
 
