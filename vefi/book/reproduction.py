@@ -31,8 +31,8 @@ from vefi.interpret import average_images
 from vefi.saliency import sensitivity
 
 __all__ = ["Claim", "GAP_PAIRS", "ablation_claims", "agreement", "bootstrap_mean", "change_in_words", "claims_table",
-           "gap_support", "interpretation_purity", "interval", "markdown_table", "network_seeds", "paired_bootstrap",
-           "spread"]
+           "gap_support", "interpretation_purity", "interval", "listed", "markdown_table", "network_seeds",
+           "paired_bootstrap", "spread", "text_table"]
 
 #: The paper's examples of features that support gaps (Fig. 6): "for class 2 how it speaks against 0 and for 6
 #: how it goes against 4".
@@ -142,6 +142,34 @@ def spread(values, digits: int = 0) -> str:
     """
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.{digits}f}" + (f" ({v.min():.{digits}f}-{v.max():.{digits}f})" if len(v) > 1 else "")
+
+
+def listed(items) -> str:
+    """Items in words, for a sentence.
+
+    Examples
+    --------
+    >>> listed(["a"]), listed([1, 2]), listed("abc")
+    ('a', '1 and 2', 'a, b and c')
+    """
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def text_table(rows: Sequence[dict], digits: int = 3) -> str:
+    """Rows (dicts with the same keys) as an aligned text table, floats with ``digits`` decimals.
+
+    Examples
+    --------
+    >>> print(text_table([{"unit": "conv1 #3", "IoU": 0.25}, {"unit": "fc1 #10", "IoU": 0.5}]))
+        unit    IoU
+    conv1 #3  0.250
+     fc1 #10  0.500
+    """
+    cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    heads = list(rows[0])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [heads, *cells])
 
 
 def change_in_words(ratio: float) -> str:
