@@ -1,4 +1,5 @@
-"""The book's figures are legible in its column: no text under 8 pt, no figure wider than 12 inches.
+"""The book's figures are legible in its column: no text under 8 pt, no figure wider than 12 inches, none
+saved below the page's 100 dpi (8 pt is 11 px at 100 dpi, 6.7 px at 60).
 
 Checked in the sources (the notebooks' code and the library's plotting code), where a size is written; what
 a size computed at run time gives is checked on the built page (tests/browser: a figure shown below 0.75 of
@@ -20,6 +21,9 @@ _NAMED = {"xx-small": 0.579, "x-small": 0.694, "small": 0.833, "medium": 1.0, "l
 _SIZE = re.compile(r"""\b(?:fontsize|labelsize|titlesize)\s*[=:]\s*(?:(\d+(?:\.\d+)?)\b|["']([a-z-]+)["'])""")
 _PROP_SIZE = re.compile(r"""["']size["']\s*:\s*(\d+(?:\.\d+)?)""")
 _FIGSIZE = re.compile(r"figsize\s*=\s*\(\s*(\d+(?:\.\d+)?)\s*,")
+# a resolution written as a number (`dpi=60`, `"dpi": 60`, a default `dpi: float = 60`); doctests may draw small
+_DPI = re.compile(r"""\bdpi["']?\s*(?::\s*[\w |]+?)?[=:]\s*(\d+(?:\.\d+)?)""")
+PAGE_DPI = 100
 
 
 def _sources():
@@ -58,6 +62,28 @@ def test_no_figure_wider_than_12_inches():
     wide = [f"{where}: {m.group(0)}" for where, text in _sources() for m in _FIGSIZE.finditer(text)
             if float(m.group(1)) > MAX_INCHES]
     assert not wide, f"figures wider than {MAX_INCHES} in (shrunk below a legible scale in the column): {wide}"
+
+
+def _low_resolutions(text):
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith((">>>", "...")):
+            continue  # a doctest's figure is never shown
+        for match in _DPI.finditer(line):
+            if float(match.group(1)) < PAGE_DPI:
+                yield line_number, match.group(0)
+
+
+def test_no_figure_saved_below_the_page_resolution():
+    """An explorer's PNGs at 60 dpi showed 5-6 px titles (issue #14): every figure is saved at >= 100 dpi."""
+    low = [f"{where}, line {line}: {found}" for where, text in _sources() for line, found in _low_resolutions(text)]
+    assert not low, f"figures saved below {PAGE_DPI} dpi, their text shrunk with them: {low}"
+
+
+@pytest.mark.parametrize("text, expected", [("offline_explorer(f, c, dpi=60)", [(1, "dpi=60")]),
+                                            ('savefig(b, dpi=150)', []), ("*, dpi: float = 60)", [(1, "dpi: float = 60")]), ('{"dpi": 72}', [(1, 'dpi": 72')]),
+                                            (">>> ex = offline_explorer(render, c, dpi=20)", [])])
+def test_the_resolution_check_sees_what_it_should(text, expected):
+    assert list(_low_resolutions(text)) == expected
 
 
 @pytest.mark.parametrize("text, expected", [("ax.set_title(t, fontsize=7)", [7.0]), ("fontsize='x-small'", [6.94]),

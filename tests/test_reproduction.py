@@ -41,6 +41,20 @@ def test_ablation_claims_follow_the_rules():
         ablation_claims("toy", [], "")
 
 
+def test_all_equal_to_onlyconv_is_said_and_does_not_hold():
+    """On two an8Flower networks All selected no fully connected feature: the same ablation as OnlyConv."""
+    draws = np.linspace(0.8, 0.99, 30)
+    same = result(0.5, 0.5, draws, draws, n_all=3, n_conv=3, seed=1)
+    same.predicted[2] = same.predicted[1]
+    same.counts_all, same.counts_onlyconv = {"2 relu": 3}, {"2 relu": 3}
+    differ = result(0.5, 0.9, draws, draws)
+    differ.counts_all, differ.counts_onlyconv = {"2 relu": 3, "9 fc": 2}, {"2 relu": 3}
+    *_, all_vs_conv = ablation_claims("toy", [same, differ], "")
+    assert all_vs_conv.holds == [False, True]
+    assert "the two ablations are one" in all_vs_conv.values[0] and "+0.000" in all_vs_conv.values[0]
+    assert "ablations are one" not in all_vs_conv.values[1]
+
+
 def test_the_claims_table_is_one_row_per_claim_with_escaped_cells():
     claims = ablation_claims("a|b", [result(0.5, 0.9, [0.9] * 30, [0.9] * 30)], "x")
     table = claims_table(claims).splitlines()

@@ -251,7 +251,7 @@ _SCRIPT = """(function () {
 
 
 def offline_explorer(render: Callable[..., Figure], controls: Mapping[str, Sequence], *,
-                     initial: Mapping | None = None, dpi: float = 72, alt: str = "Figure of the chosen state",
+                     initial: Mapping | None = None, dpi: float | None = None, alt: str = "Figure of the chosen state",
                      max_states: int = 400, desc: str = "rendering states") -> OfflineExplorer:
     """An explorer of ``render``'s figures over every combination of the controls' values, precomputed.
 
@@ -269,8 +269,9 @@ def offline_explorer(render: Callable[..., Figure], controls: Mapping[str, Seque
         Each control's name and its values, in order; a value's label is ``str(value)`` (floats as ``%g``).
     initial : mapping, optional
         The state shown first; default the first value of every control.
-    dpi : float
-        Resolution of the PNGs.
+    dpi : float, optional
+        Resolution of the PNGs; default matplotlib's ``figure.dpi``, the resolution of the page's other
+        figures (a lower one shrinks the text with the image).
     alt : str
         Alt text of the image; the chosen state is appended to it.
     max_states : int
@@ -338,7 +339,8 @@ def offline_explorer(render: Callable[..., Figure], controls: Mapping[str, Seque
             if not isinstance(fig, Figure):
                 raise TypeError(f"render returned {type(fig).__name__}, not a matplotlib Figure")
             buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+            fig.savefig(buffer, format="png", dpi=plt.rcParams["figure.dpi"] if dpi is None else dpi,
+                        bbox_inches="tight")
         except Exception as error:
             raise RuntimeError(f"rendering state {state} failed: {type(error).__name__}: {error}") from error
         finally:

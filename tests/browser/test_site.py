@@ -155,6 +155,7 @@ class Page:
     stderr: list = field(default_factory=list)
     overflowing: list = field(default_factory=list)
     figures: list = field(default_factory=list)
+    short_titles: list = field(default_factory=list)
 
 
 # Waits for MathJax's first typesetting and for the widget manager to replace each view script by a view.
@@ -200,12 +201,18 @@ const stderr = Array.from(document.querySelectorAll('.output.stderr')).map((e) =
 const overflowing = Array.from(document.querySelectorAll('.cell_output pre'))
     .filter((p) => p.scrollWidth > p.clientWidth + 1)
     .map((p) => (p.textContent.split(String.fromCharCode(10)).find((l) => l.trim()) || '').slice(0, 80));
-// figures as shown (glued figures and cell outputs): natural width (pixels of the PNG) and width on the page
+// admonition title bars (exercises, solutions, notes) that stop short of their box's width
+const short_titles = Array.from(document.querySelectorAll('.admonition > .admonition-title'))
+    .filter((t) => t.getClientRects().length > 0
+            && t.getBoundingClientRect().width < 0.95 * t.parentElement.getBoundingClientRect().width)
+    .map((t) => t.textContent.trim().slice(0, 60));
+// figures as shown (glued figures, cell outputs, the offline explorers' images): natural width (pixels of the
+// PNG) and width on the page
 const figures = Array.from(document.querySelectorAll('article figure img, article .cell_output img'))
-    .filter((i) => i.getClientRects().length > 0 && i.naturalWidth > 0 && !i.closest('.vefi-offline-explorer'))
+    .filter((i) => i.getClientRects().length > 0 && i.naturalWidth > 0)
     .map((i) => ({src: (i.currentSrc || i.src).split('/').pop().slice(0, 60), natural: i.naturalWidth,
                   shown: i.getBoundingClientRect().width, alt: (i.getAttribute('alt') || '').slice(0, 60)}));
-return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, figures, text: texts.join(' '),
+return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, figures, short_titles, text: texts.join(' '),
   math: {elements: maths.length, typeset: maths.filter((m) => m.querySelector('mjx-container')).length,
          errors: document.querySelectorAll('mjx-merror').length, mathjax: !!window.MathJax},
   widgets: {views: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
@@ -250,6 +257,7 @@ def _visit(driver, url: str, origin: str) -> Page:
     page.stderr = info["stderr"]
     page.overflowing = info["overflowing"]
     page.figures = info["figures"]
+    page.short_titles = info["short_titles"]
     rel = unquote(urlparse(url).path).strip("/") or "index.html"
     shot = SCREENSHOTS / (rel.replace("/", "__").removesuffix(".html") + ".png")
     shot.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +404,13 @@ def test_printed_outputs_fit_the_column(crawl):
     """A printout wider than the column would hide its end (book/_static/outputs.css wraps them)."""
     wide = {u: p.overflowing for u, p in crawl.items() if p.overflowing}
     assert not wide, f"printed outputs wider than the column, their ends hidden: {json.dumps(wide, indent=1)}"
+
+
+def test_admonition_titles_span_their_box(crawl):
+    """An exercise's title bar stopped at two thirds of its box: the prose measure caught it (issue #14)."""
+    short = {u: p.short_titles for u, p in crawl.items() if p.short_titles}
+    assert not short, f"admonition titles narrower than their box (book/_static/layout.css): {short}"
+    assert any("Exercise" in p.text for p in crawl.values()), "no exercise found: are the pages inspected?"
 
 
 # The book's figures are drawn at matplotlib's 100 dpi with no text under 8 pt (tests/test_figures.py checks

@@ -67,11 +67,13 @@ def explanation_view(dataset: str = "mnist", index: int = 0, target: int | None 
         raise ValueError(f"image index {index} out of range: the {dataset} test set has {len(data)} images")
     model, rel = _model(dataset), _relevant(dataset, float(mu))
     e = explain(model, data.batch([int(index)]), rel, target=target, k=int(k))
-    fig = e.plot(0, size=2.0)
+    # panels of 1.5 in, so that the titles' 8 pt stay legible at the page's resolution; the constrained layout
+    # keeps the two-line titles of the features clear of the figure's title
+    n_panels = 2 + max(len(e.features[0]), 1)
+    fig = e.plot(0, fig=plt.figure(figsize=(max(1.5 * n_panels, 6.0), 2.3), layout="constrained"))
     true = data.classes[int(data.labels[int(index)])]
     fig.suptitle(f"{dataset}, test image {index} (true class: {true}); mu = {mu:g}: {len(rel.features)} "
                  f"relevant features; {e.method}", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -136,7 +138,7 @@ def explorer(dataset: str = "mnist", index: int = 0, k: int = 3, mu: float = DEF
 
 
 def precomputed_explorer(dataset: str = "mnist", images=(0, 1, 2, 3), targets=("predicted", "runner-up"),
-                         ks=(1, 2, 3, 4, 5), mus=MUS, *, dpi: float = 60) -> OfflineExplorer:
+                         ks=(1, 3, 5), mus=MUS, *, dpi: float | None = None) -> OfflineExplorer:
     """:func:`explanation_view` of one network over every combination of test image, class explained, k and
     mu, rendered once: an explorer whose controls work in a static page, with no kernel.
 
@@ -151,9 +153,10 @@ def precomputed_explorer(dataset: str = "mnist", images=(0, 1, 2, 3), targets=("
         that image), or a class index.
     ks, mus : sequence
         Numbers of features shown and budgets mu (each mu's selection is fitted, or read from the cache).
-    dpi : float
-        Resolution of each state's PNG; the page carries ``len(images) * len(targets) * len(ks) * len(mus)``
-        of them (see the result's ``nbytes``).
+    dpi : float, optional
+        Resolution of each state's PNG; default the page's (matplotlib's ``figure.dpi``), as legible as the
+        page's other figures. The page carries ``len(images) * len(targets) * len(ks) * len(mus)`` of them
+        (see the result's ``nbytes``).
 
     Raises
     ------
