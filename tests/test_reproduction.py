@@ -46,7 +46,8 @@ def test_all_equal_to_onlyconv_is_said_and_does_not_hold():
     draws = np.linspace(0.8, 0.99, 30)
     same = result(0.5, 0.5, draws, draws, n_all=3, n_conv=3, seed=1)
     same.predicted[2] = same.predicted[1]
-    same.counts_all, same.counts_onlyconv = {"2 relu": 3}, {"2 relu": 3}
+    # All's counts list every layer, the fully connected ones with 0; OnlyConv's only the convolutional part
+    same.counts_all, same.counts_onlyconv = {"2 relu": 3, "9 fc": 0}, {"2 relu": 3}
     differ = result(0.5, 0.9, draws, draws)
     differ.counts_all, differ.counts_onlyconv = {"2 relu": 3, "9 fc": 2}, {"2 relu": 3}
     *_, all_vs_conv = ablation_claims("toy", [same, differ], "")

@@ -217,7 +217,8 @@ def ablation_claims(label: str, results: Sequence, paper_counts: str) -> list[Cl
     for r in results:
         diff = r.bootstrap_difference(1, 2)
         # a difference of exactly 0 has a reason worth saying: All kept no feature outside the convolutional part
-        same = r.counts_all == r.counts_onlyconv and np.array_equal(r.predicted[1], r.predicted[2])
+        counts_all, counts_conv = ({k: v for k, v in d.items() if v} for d in (r.counts_all, r.counts_onlyconv))
+        same = counts_all == counts_conv and np.array_equal(r.predicted[1], r.predicted[2])
         c.add(f"{r.all:.3f} vs {r.onlyconv:.3f}: {interval(*diff)}"
               + ("; All selected the same features per layer as OnlyConv (none in the fully connected part), "
                  "so the two ablations are one" if same else ""), diff[2] < 0)
