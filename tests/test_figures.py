@@ -91,3 +91,19 @@ def test_the_resolution_check_sees_what_it_should(text, expected):
                                             ("labelsize=9", [9.0])])
 def test_the_checks_see_what_they_should(text, expected):
     assert [round(p, 2) for _, _, p in _text_sizes(text)] == expected
+
+
+def test_every_method_has_its_own_colour():
+    """Chapters 8, 9 and 12 compare methods in one figure: one colour each, and only the paper's method red."""
+    import matplotlib.colors as mcolors
+
+    from vefi.heatmaps import METHODS
+    from vefi.plotting import METHOD_COLOURS
+
+    assert set(METHOD_COLOURS) == set(METHODS), "a method without a colour, or a colour without a method"
+    assert len(set(METHOD_COLOURS.values())) == len(METHOD_COLOURS), "two methods share a colour"
+
+    def reddish(colour):
+        hue, saturation, value = mcolors.rgb_to_hsv(mcolors.to_rgb(colour))
+        return (hue < 0.04 or hue > 0.96) and saturation > 0.4 and value > 0.6  # not a brown
+    assert [m for m, c in METHOD_COLOURS.items() if reddish(c)] == ["ours"]

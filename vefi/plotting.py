@@ -26,10 +26,18 @@ from vefi._progress import progress
 from vefi.layers import Layer
 
 __all__ = ["to_display", "image_grid", "masks_figure", "confusion_figure", "format_layer_table",
-           "LAYER_COLOURS", "offline_explorer", "OfflineExplorer"]
+           "LAYER_COLOURS", "METHOD_COLOURS", "offline_explorer", "OfflineExplorer"]
 
 #: The paper colours heatmaps of convolutional features green and fully connected ones pink.
 LAYER_COLOURS = {"conv": "#2ca02c", "fc": "#e377c2"}
+
+#: One colour per method of :data:`vefi.heatmaps.METHODS`, the same in every figure that compares methods; the
+#: paper's method is the only red.
+METHOD_COLOURS = {"ours": "#c44e52", "deconv-gb": "#ff7f0e", "upsampled-activations": "#8c564b",
+                  "gradient": "#1f77b4", "gradient-x-input": "#17becf", "lrp-epsilon": "#9467bd",
+                  "lrp-zplus": "#393b79", "lrp-alpha1beta0": "#637939", "lrp-alpha2beta1": "#e7ba52",
+                  "lrp-composite": "#bcbd22", "occlusion": "#e377c2", "grad-cam": "#2ca02c",
+                  "meaningful-perturbation": "#7b4173", "random": "#7f7f7f"}
 
 
 def to_display(image) -> np.ndarray:
