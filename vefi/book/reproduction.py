@@ -220,8 +220,8 @@ def ablation_claims(label: str, results: Sequence, paper_counts: str) -> list[Cl
         counts_all, counts_conv = ({k: v for k, v in d.items() if v} for d in (r.counts_all, r.counts_onlyconv))
         same = counts_all == counts_conv and np.array_equal(r.predicted[1], r.predicted[2])
         c.add(f"{r.all:.3f} vs {r.onlyconv:.3f}: {interval(*diff)}"
-              + ("; All selected the same features per layer as OnlyConv (none in the fully connected part), "
-                 "so the two ablations are one" if same else ""), diff[2] < 0)
+              + (" (All selected OnlyConv's features per layer, none fully connected: the same ablation)"
+                 if same else ""), diff[2] < 0)
     claims.append(c)
     return claims
 
