@@ -69,8 +69,8 @@ def explanation_view(dataset: str = "mnist", index: int = 0, target: int | None 
     e = explain(model, data.batch([int(index)]), rel, target=target, k=int(k))
     # panels of 1.5 in, so that the titles' 8 pt stay legible at the page's resolution; the constrained layout
     # keeps the two-line titles of the features clear of the figure's title
-    n_panels = 2 + max(len(e.features[0]), 1)
-    fig = e.plot(0, fig=plt.figure(figsize=(max(1.5 * n_panels, 6.0), 2.3), layout="constrained"))
+    fig = e.plot(0, size=1.5)
+    fig.set_layout_engine("constrained")
     true = data.classes[int(data.labels[int(index)])]
     fig.suptitle(f"{dataset}, test image {index} (true class: {true}); mu = {mu:g}: {len(rel.features)} "
                  f"relevant features; {e.method}", fontsize=9)
