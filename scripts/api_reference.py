@@ -63,6 +63,7 @@ Every function of the library uses these words in one sense:
 
 def _clean(text: str) -> str:
     text = re.sub(r":(?:func|class|meth|mod|data|attr|exc|obj):`~?([^`]+)`", r"`\1`", text)
+    text = re.sub(r":math:`([^`]+)`", r"$\1$", text)  # the page's Markdown typesets $...$ (dollarmath)
     return text.replace("``", "`")
 
 

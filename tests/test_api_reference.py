@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +28,6 @@ def test_every_public_name_is_on_the_page():
             assert f"`{public}" in page, f"{name}.{public} is not on the API page"
             assert hasattr(module, public), f"{name}.__all__ names {public}, which does not exist"
     assert ":func:" not in page and "(no docstring)" not in page
+    # a docstring's Sphinx math is typeset on the page, not shown as a role (grad_cam_parts showed it raw)
+    assert not re.search(r":[a-z]+:`", page), re.search(r".{60}:[a-z]+:`.{60}", page)
+    assert "$\\mathrm{ReLU}(\\sum_k \\alpha_k A_k)$" in page

@@ -156,6 +156,7 @@ class Page:
     overflowing: list = field(default_factory=list)
     figures: list = field(default_factory=list)
     short_titles: list = field(default_factory=list)
+    bold_pasted: list = field(default_factory=list)
 
 
 # Waits for MathJax's first typesetting and for the widget manager to replace each view script by a view.
@@ -206,13 +207,17 @@ const short_titles = Array.from(document.querySelectorAll('.admonition > .admoni
     .filter((t) => t.getClientRects().length > 0
             && t.getBoundingClientRect().width < 0.95 * t.parentElement.getBoundingClientRect().width)
     .map((t) => t.textContent.trim().slice(0, 60));
+// glued text set in another weight than the text around it (MyST-NB's default is bold)
+const bold_pasted = Array.from(document.querySelectorAll('span.pasted-text'))
+    .filter((t) => getComputedStyle(t).fontWeight !== getComputedStyle(t.parentElement).fontWeight)
+    .map((t) => t.textContent.trim().slice(0, 60));
 // figures as shown (glued figures, cell outputs, the offline explorers' images): natural width (pixels of the
 // PNG) and width on the page
 const figures = Array.from(document.querySelectorAll('article figure img, article .cell_output img'))
     .filter((i) => i.getClientRects().length > 0 && i.naturalWidth > 0)
     .map((i) => ({src: (i.currentSrc || i.src).split('/').pop().slice(0, 60), natural: i.naturalWidth,
                   shown: i.getBoundingClientRect().width, alt: (i.getAttribute('alt') || '').slice(0, 60)}));
-return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, figures, short_titles, text: texts.join(' '),
+return {imgs, links, ids, external, dropdowns, tables, stderr, overflowing, figures, short_titles, bold_pasted, text: texts.join(' '),
   math: {elements: maths.length, typeset: maths.filter((m) => m.querySelector('mjx-container')).length,
          errors: document.querySelectorAll('mjx-merror').length, mathjax: !!window.MathJax},
   widgets: {views: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
@@ -258,6 +263,7 @@ def _visit(driver, url: str, origin: str) -> Page:
     page.overflowing = info["overflowing"]
     page.figures = info["figures"]
     page.short_titles = info["short_titles"]
+    page.bold_pasted = info["bold_pasted"]
     rel = unquote(urlparse(url).path).strip("/") or "index.html"
     shot = SCREENSHOTS / (rel.replace("/", "__").removesuffix(".html") + ".png")
     shot.parent.mkdir(parents=True, exist_ok=True)
@@ -411,6 +417,12 @@ def test_admonition_titles_span_their_box(crawl):
     short = {u: p.short_titles for u, p in crawl.items() if p.short_titles}
     assert not short, f"admonition titles narrower than their box (book/_static/layout.css): {short}"
     assert any("Exercise" in p.text for p in crawl.values()), "no exercise found: are the pages inspected?"
+
+
+def test_glued_text_reads_as_the_text_around_it(crawl):
+    """Computed sentences showed in bold in the middle of paragraphs (issue #14)."""
+    bold = {u: p.bold_pasted for u, p in crawl.items() if p.bold_pasted}
+    assert not bold, f"glued text in another font weight than its paragraph (book/_static/layout.css): {bold}"
 
 
 # The book's figures are drawn at matplotlib's 100 dpi with no text under 8 pt (tests/test_figures.py checks
